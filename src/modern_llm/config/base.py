@@ -44,9 +44,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` (from YAML or a CLI string) to annotation ``tp``; raise ValueError naming ``where``."""
     inner, optional = _unwrap_optional(tp)
-    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and optional):
-        if optional or value is None:
-            return None
+    if value is None or (optional and isinstance(value, str) and value.lower() in {"none", "null"}):
+        return None
     if dataclasses.is_dataclass(inner) and isinstance(inner, type):
         if isinstance(value, inner):
             return value
@@ -88,11 +87,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             if value not in allowed:
                 raise ValueError(f"{where}: {value!r} is not one of {list(allowed)}")
             return value
-    except ValueError as err:
-        if str(err):
+    except (ValueError, TypeError) as err:
+        if str(err).startswith(where):
             raise
-        raise ValueError(f"{where}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
-    except TypeError:
         raise ValueError(f"{where}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
     return value
 

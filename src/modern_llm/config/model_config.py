@@ -24,7 +24,9 @@ class ModernLLMConfig:
     n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA; in between -> GQA
     d_ff: int | None = None  # None -> SwiGLU default: 8/3 * d_model rounded up to a multiple of 64
     max_seq_len: int = 256  # training context; RoPE models can be run longer
-    pos_encoding: Literal["rope", "learned", "none"] = "rope"  # "learned" = absolute embeddings; "none" = NoPE
+    pos_encoding: Literal["rope", "learned", "none"] = (
+        "rope"  # "learned" = absolute embeddings; "none" = NoPE
+    )
     rope_theta: float = 10000.0
     n_sinks: int = 0  # learnable sink tokens (key/value pairs) that every query can attend to
     qk_norm: bool = False  # RMSNorm on q and k per head before RoPE
