@@ -476,7 +476,7 @@ class Trainer:
             self.out_dir, cfg.tensorboard, resume_step=self.step if target is not None else None
         )
         log.info(
-            "training on %s (%s autocast), %d trainable params, step %d -> %d",
+            "training on %s (compute dtype %s), %d trainable params, step %d -> %d",
             describe_device(self.device),
             dtype_name(self.amp_dtype),
             sum(p.numel() for p in self._params),
