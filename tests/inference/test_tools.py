@@ -163,6 +163,8 @@ def test_format_number_rejects_non_numbers():
         ("done <<2+2=4>> then <<3*3=", "9>>"),
         ("The total is calc(3*(2+5))", " = 21"),
         ("calc(7/2)", " = 3.5"),
+        ("x" * 10_000 + " <<2*3=", "6>>"),  # only the tail is scanned, wherever the span sits
+        ("<<" + " " * 250 + "1=", "1>>"),
         # Not a request (or not a complete one): leave the model alone.
         ("<<48/2=24>>", None),
         ("<<48/2", None),

@@ -265,8 +265,12 @@ _CALC_CALL_RE = re.compile(r"(?<![\w.])calc\(")
 
 def _open_gsm8k_span(text: str) -> str | None:
     """Expression of a trailing ``<<expr=`` span, or None when the text does not end with one."""
-    start = text.rfind("<<")
-    if start == -1 or not text.endswith("="):
+    if not text.endswith("="):
+        return None
+    # Only the tail can hold a valid span (the expression is at most MAX_EXPR_CHARS), so the cost per call
+    # stays constant however long the generated text grows.
+    start = text.rfind("<<", max(0, len(text) - MAX_EXPR_CHARS - 3))
+    if start == -1:
         return None
     span = text[start + 2 : -1]
     if ">>" in span or "=" in span or not span.strip():
