@@ -52,8 +52,8 @@ def make_tiny_llama(folder: Path) -> Path:
     tok = byte_tokenizer()
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,  # >= 64 so bitsandbytes' CPU 4-bit repacking path can run (see test_lora_utils)
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
