@@ -55,3 +55,11 @@ def test_bad_file_errors_name_the_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="list.yaml"):
         load_config(ModernLLMConfig, tmp_path / "list.yaml")
+
+
+def test_overrides_rederive_fields_that_were_derived():
+    c = apply_overrides(ModernLLMConfig(d_model=64, n_heads=4), ["--n_heads", "2", "--d_model", "96"])
+    assert c.n_kv_heads == 2 and c.d_ff == 256
+    explicit = ModernLLMConfig(d_model=64, n_heads=4, n_kv_heads=2, d_ff=100)
+    c = apply_overrides(explicit, ["--d_model", "128"])
+    assert c.n_kv_heads == 2 and c.d_ff == 100  # user-set values stay

@@ -105,12 +105,19 @@ def config_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Dataclass -> plain dict (tuples become lists so the result is YAML/JSON friendly)."""
+def config_to_dict(cfg: Any, resolved: bool = True) -> dict[str, Any]:
+    """Dataclass -> plain dict (tuples become lists so the result is YAML/JSON friendly).
+
+    ``resolved=False`` puts back ``None`` for fields a config derived itself (listed in its ``_auto_fields``,
+    e.g. ``d_ff`` from ``d_model``), so re-validating after an override derives them again.
+    """
 
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            auto = set() if resolved else getattr(v, "_auto_fields", set())
+            return {
+                f.name: None if f.name in auto else plain(getattr(v, f.name)) for f in dataclasses.fields(v)
+            }
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, Path):
@@ -162,7 +169,7 @@ def apply_overrides(cfg: T, overrides: dict[str, Any] | list[str]) -> T:
     """Return a copy of ``cfg`` with dotted-key overrides applied (and re-validated via __post_init__)."""
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    data = config_to_dict(cfg)
+    data = config_to_dict(cfg, resolved=False)
     for dotted, value in overrides.items():
         node = data
         parts = dotted.split(".")
@@ -186,3 +193,38 @@ def save_config(cfg: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_help(cfg: Any, prefix: str = "") -> str:
+    """One line per overridable field: ``--section.field  (type, default value)`` for ``--help`` epilogs."""
+    lines = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines.append(config_help(value, prefix=f"{key}."))
+            continue
+        tp = hints[f.name]
+        tp_name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        lines.append(f"  --{key:<32} {tp_name} (default: {value!r})")
+    return "\n".join(lines)
+
+
+def parse_config_cli(cls: type[T], argv: list[str], prog: str, description: str) -> T:
+    """``--config FILE`` plus ``--section.field value`` overrides -> validated ``cls``; --help lists fields."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (override any with --field value):\n" + config_help(cls()),
+    )
+    parser.add_argument("--config", help="YAML/JSON file filling the config (fields below override it)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return load_config(cls, args.config, overrides)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits

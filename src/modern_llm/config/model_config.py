@@ -50,6 +50,7 @@ class ModernLLMConfig:
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        self._auto_fields = {n for n in ("n_kv_heads", "d_ff", "moe_d_ff") if getattr(self, n) is None}
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         need(self.n_kv_heads > 0, f"n_kv_heads must be > 0, got {self.n_kv_heads}")

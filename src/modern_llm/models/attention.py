@@ -17,7 +17,9 @@ Design choices
 Footguns
 - ``enable_gqa`` needs torch >= 2.5.
 - With a KV cache, the mask assumes the cache returns keys in causal order with the new tokens last
-  (true for both the dense and the streaming cache in ``modern_llm.inference``).
+  (true for both the dense and the streaming cache in ``modern_llm.inference``) — unless the cache exposes
+  an ``attn_mask`` attribute (bool, (B, 1, T, S), True = may attend), which then replaces the causal logic.
+  The dense cache sets it for left-padded batches and for the static-shape (CUDA-graph) decode step.
 """
 
 from __future__ import annotations
@@ -90,13 +92,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope and rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), new tokens last
-        y = self._attend(q, k, v)  # (B, H, T, D)
+            mask = getattr(kv_cache, "attn_mask", None)  # (B, 1, T, S) bool when the cache holds padding
+        y = self._attend(q, k, v, mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.out(y))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, _, T, D = q.shape
         S = k.shape[2]
         dropout = self.attn_dropout if self.training else 0.0
@@ -104,6 +110,10 @@ class Attention(nn.Module):
         if n_sinks:
             k = torch.cat([self.sink_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, KV, s+S, D)
             v = torch.cat([self.sink_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if mask is not None:  # the cache decides which slots each query sees (padding, static buffers)
+            if n_sinks:  # sinks are visible to every query
+                mask = torch.cat([mask.new_ones(*mask.shape[:-1], n_sinks), mask], dim=-1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=True)
         if T == 1:  # one new token sees the whole cache (and the sinks): no mask needed
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=True)
         if S == T:  # no earlier tokens in the cache: pure causal, fused kernels stay available

@@ -201,3 +201,51 @@ def import_hf(path: str | Path) -> ModernDecoderLM:
 
     hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
     return from_hf_model(hf)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """CLI: trainer checkpoint -> HF folder (model + tokenizer) loadable with AutoModelForCausalLM."""
+    import argparse
+
+    from modern_llm.models.pretrained import load_pretrained
+
+    p = argparse.ArgumentParser(prog="modern-llm export-hf", description=export_main.__doc__)
+    p.add_argument("--checkpoint", required=True, help="a step_* folder or a run folder (latest checkpoint)")
+    p.add_argument("--out", required=True, help="output folder for the Hugging Face model")
+    args = p.parse_args(argv)
+    model, tokenizer, ckpt = load_pretrained(args.checkpoint)
+    try:
+        out = export_hf(model, args.out, tokenizer)
+    except UnsupportedExport as err:
+        p.error(str(err))
+    print(f"exported {ckpt} -> {out} ({type(to_hf_model(model)).__name__})")
+    return 0
+
+
+def import_main(argv: list[str] | None = None) -> int:
+    """CLI: HF Llama/Mixtral folder (or Hub id when online) -> a checkpoint folder for our engine/trainer."""
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    from modern_llm.config.base import config_to_dict
+    from modern_llm.utils.checkpointing import save_checkpoint
+
+    p = argparse.ArgumentParser(prog="modern-llm import-hf", description=import_main.__doc__)
+    p.add_argument("--hf-model", required=True, help="local HF folder (or Hub id when online)")
+    p.add_argument(
+        "--out", required=True, help="run folder; the checkpoint goes to <out>/checkpoints/step_0000000"
+    )
+    args = p.parse_args(argv)
+    model = import_hf(args.hf_model)
+    tokenizer = AutoTokenizer.from_pretrained(args.hf_model, trust_remote_code=False)
+    ckpt = save_checkpoint(
+        Path(args.out) / "checkpoints",
+        0,
+        model,
+        {"step": 0},
+        {"model": config_to_dict(model.config)},
+        extra_files=lambda folder: tokenizer.save_pretrained(folder / "tokenizer"),
+    )
+    print(f"imported {args.hf_model} -> {ckpt}")
+    return 0
