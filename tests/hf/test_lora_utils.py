@@ -154,3 +154,25 @@ def test_qlora_guard_undoes_an_earlier_cpu_repack(tiny_dirs):
         if type(module).__name__ == "Linear4bit":
             assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False)
     train_step(model, batch)
+
+
+def test_mixtral_experts_are_adapted_through_target_parameters():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    model = apply_lora(MixtralForCausalLM(cfg), r=2, dropout=0.0)
+    ids = torch.randint(0, 64, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert_lora_gradients(model)
+    adapted = {n.split(".lora_")[0].split(".")[-1] for n in lora_parameters(model)}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= adapted
+    assert any("experts" in n for n in lora_parameters(model))
