@@ -106,6 +106,37 @@ def test_correct_answer_with_a_slip_counts_as_correct_and_custom_extractor():
     assert category == "correct" and len(evidence["wrong_steps"]) == 1
 
 
+def test_analyze_uses_the_tasks_grading_rule_and_flags_format_violations():
+    """Through ``analyze`` the task's lenient extractor decides "correct" (so counts match the eval's
+    accuracy); a wrong answer with no final-answer marker is a format violation, not a plan error."""
+    from modern_llm.data.task_datasets import TaskExample
+
+    example = TaskExample("t-0", GSM8K_EXAMPLE["question"], "18", solution=GSM8K_EXAMPLE["answer"])
+    preds = [
+        "She makes 18 dollars.",  # no marker, but the task grader reads the last number: correct
+        "She sells 16 - 3 = 13 eggs and makes 13 * 2 = 26 dollars.",  # wrong, unmarked
+        "She sells 16 - 3 = 13 eggs.\n#### 26",  # wrong, marked, steps right
+        "She sells some eggs.",  # no number at all
+    ]
+    result = an.analyze("gsm8k", [example] * 4, preds, k=4)
+    assert result["counts"] == {"correct": 1, "arithmetic_slip": 0, "wrong_plan": 1, "extraction_failure": 2}
+    failures = result["examples"]["extraction_failure"]
+    assert [(e["index"], e["extracted"], e["format_ok"]) for e in failures] == [
+        (1, "26", False),
+        (3, None, False),
+    ]
+    assert result["examples"]["correct"][0]["question"].startswith("Janet")
+
+
+def test_analyze_routes_sst2_and_samsum_task_examples():
+    from modern_llm.data.task_datasets import TaskExample
+
+    sst = [TaskExample("s0", "not a good movie .", "negative", label=0)]
+    assert an.analyze("SST-2", sst, ["Sentiment: positive"])["counts"]["negation"] == 1
+    sam = [TaskExample("d0", DIALOGUE["dialogue"], DIALOGUE["summary"])]
+    assert an.analyze("samsum", sam, ["Hannah meets Peter."])["counts"]["hallucinated_entity"] == 1
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

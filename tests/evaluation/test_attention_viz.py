@@ -199,6 +199,13 @@ def test_cli_on_an_hf_folder(tmp_path):
     assert len(record["metrics"]["first_token_mass_per_layer"]) == 2
 
 
+def test_cli_checkpoint_without_tokenizer_names_the_fix(tmp_path):
+    cfg = ModernLLMConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=4, max_seq_len=32)
+    save_checkpoint(tmp_path / "run", 1, ModernDecoderLM(cfg), {"step": 1}, {"model": config_to_dict(cfg)})
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        av.main(["--checkpoint", str(tmp_path / "run"), "--prompt", "hi", "--out-dir", str(tmp_path)])
+
+
 def test_cli_needs_a_model():
     with pytest.raises(SystemExit):
         av.main(["--prompt", "hi"])

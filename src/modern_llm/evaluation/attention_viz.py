@@ -373,28 +373,15 @@ def visualize(
 
 
 def _load_checkpoint_model(checkpoint: str, tokenizer_path: str | None):
-    from modern_llm.config.base import config_from_dict
-    from modern_llm.config.model_config import ModernLLMConfig
     from modern_llm.data.tokenizer import load_tokenizer
-    from modern_llm.models.transformer import ModernDecoderLM
-    from modern_llm.utils.checkpointing import (
-        MODEL_FILE,
-        load_model_weights,
-        read_checkpoint_config,
-        resolve_checkpoint,
-    )
+    from modern_llm.models.pretrained import load_pretrained
 
-    ckpt = resolve_checkpoint(checkpoint)
-    data = read_checkpoint_config(ckpt)
-    model_cfg = data.get("model", data)  # a full run config has a "model" section; a bare one is the section
-    if not isinstance(model_cfg, dict):
-        raise ValueError(f"{ckpt}/config.yaml: 'model' must be a mapping of ModernLLMConfig fields")
-    model = ModernDecoderLM(config_from_dict(ModernLLMConfig, model_cfg, prefix="model"))
-    load_model_weights(model, ckpt / MODEL_FILE)
-    tok_dir = Path(tokenizer_path) if tokenizer_path else ckpt / "tokenizer"
-    if not tok_dir.exists() and tokenizer_path is None:
-        raise FileNotFoundError(f"{tok_dir}: the checkpoint has no tokenizer/ folder; pass --tokenizer PATH")
-    return model.eval(), load_tokenizer(str(tok_dir)), ckpt
+    model, tokenizer, ckpt = load_pretrained(checkpoint)
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{ckpt}: the checkpoint has no tokenizer/ folder; pass --tokenizer PATH")
+    return model, tokenizer, ckpt
 
 
 def _slug(text: str) -> str:
