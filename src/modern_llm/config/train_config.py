@@ -14,6 +14,9 @@ Design choices
 Footguns
 - ``dtype="fp16"`` needs CUDA (loss scaling); "auto" = bf16 on a bf16-capable GPU, fp32 otherwise.
 - ``warmup_steps`` must be <= ``max_steps``; when equal, the run is warmup only (no cosine phase).
+- ``parallel`` ("ddp"/"fsdp") takes effect only under ``torchrun``; ``batch_size`` is then *per process*,
+  so one optimizer step sees ``batch_size * grad_accum_steps * world_size`` examples (see
+  ``modern_llm.utils.distributed``). fp16 loss scaling is not supported with FSDP (use bf16).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class TrainConfig:
     resume: str = "auto"  # "auto" | "none" | path to a checkpoint (or run) folder
     time_limit_s: float = 0.0  # stop cleanly (with a checkpoint) after this much training time; 0 = none
     save_trainable_only: bool = False  # checkpoints hold only requires_grad params (LoRA adapters)
+    # distributed (torchrun): "ddp" = replica per process, "fsdp" = FSDP2 sharding; batch_size is per process
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -114,6 +119,14 @@ class TrainConfig:
             "resume must be 'auto', 'none' or a checkpoint path, got an empty string",
         )
         need(self.time_limit_s >= 0, f"time_limit_s must be >= 0 (0 = no limit), got {self.time_limit_s}")
+        need(
+            self.parallel in ("none", "ddp", "fsdp"),
+            f"parallel must be 'none', 'ddp' or 'fsdp' (launch with torchrun), got {self.parallel!r}",
+        )
+        need(
+            not (self.parallel == "fsdp" and self.dtype == "fp16"),
+            "dtype='fp16' with parallel='fsdp' is not supported (no sharded loss scaling); use --train.dtype bf16",
+        )
 
     @property
     def resume_path(self) -> str | None:

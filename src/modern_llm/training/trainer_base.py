@@ -38,11 +38,21 @@ Design choices
   here too: the loss_fn calls the model however that model wants to be called.
 - MFU = model FLOPs per token (``model.flops_per_token(seq_len)``, assumed to count forward + backward, i.e.
   ~6N + attention) x tokens/s / peak FLOP/s (``utils.hardware``); logged only when both are known.
+- Distributed (``cfg.parallel`` "ddp"/"fsdp" under ``torchrun``; helpers in ``utils.distributed``):
+  ``batch_size`` is per process; rank r takes slice r of each global micro-batch of ``batch_size * world``
+  indices, so a step sees ``batch_size * grad_accum_steps * world`` examples, the same chunks as one process
+  with ``grad_accum_steps * world`` accumulation steps. The data position counts global micro-batches.
+  Logged loss/metrics are averaged over ranks and tokens summed (one all_reduce per log step); only rank 0
+  writes logs and checkpoints; checkpoints hold full (gathered) weights and optimizer state in the
+  single-process format plus every rank's RNG state, so they resume at any world size.
 
 Footguns
 - Datasets must be deterministic functions of the index (no global-RNG augmentation) for exact resume.
 - Changing ``batch_size``, ``seed`` or the dataset between save and resume changes the data order (warned).
 - With ``compile=True`` the compiled module is used for training only; eval and checkpoints use the original.
+- Distributed: every rank runs eval, saves and non-finite checks (they hold collectives); under FSDP an
+  ``eval_fn`` must do the same number of forward passes on every rank. The time limit is only checked at
+  log steps there (the decision must be the same on every rank).
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ from torch.utils.data import DataLoader, Dataset
 from modern_llm.config.base import config_to_dict
 from modern_llm.config.train_config import TrainConfig
 from modern_llm.utils import checkpointing as ckpt_io
+from modern_llm.utils import distributed as dist_utils
 from modern_llm.utils.hardware import (
     autocast_context,
     describe_device,
@@ -304,7 +315,9 @@ class Trainer:
         self.extra_state: dict[str, Any] = extra_state if extra_state is not None else {}
         self.save_extra_files = save_extra_files
 
-        self.device = resolve_device(cfg.device)
+        # distributed: join the torchrun group (no-op for parallel="none"); one device per process
+        self.dist = dist_utils.init_distributed(cfg.parallel, cfg.device)
+        self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / ckpt_io.CHECKPOINTS_SUBDIR
@@ -315,17 +328,23 @@ class Trainer:
 
         if not (getattr(model, "hf_device_map", None) or getattr(model, "is_quantized", False)):
             model.to(self.device)  # quantized / device-mapped HF models are placed by their loader
+        # distributed: DDP wrapper, or the model sharded in place (FSDP) -- before the optimizer sees params
+        self._wrapped = dist_utils.wrap_model(model, self.dist)
         self.optimizer = build_optimizer(model, cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         use_scaler = self.amp_dtype is torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler) if use_scaler else None
-        self._train_model: nn.Module = torch.compile(model) if cfg.compile else model
+        self._train_model: nn.Module = torch.compile(self._wrapped) if cfg.compile else self._wrapped
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
-        self.sampler = ResumableBatchSampler(len(train_dataset), cfg.batch_size, cfg.seed)
+        # distributed: the sampler yields global micro-batches (batch_size per rank x world)
+        self.sampler = ResumableBatchSampler(
+            len(train_dataset), cfg.batch_size * self.dist.world_size, cfg.seed
+        )
         self.step = 0
-        self.consumed = 0  # micro-batches consumed since epoch 0 (the data position)
-        self.tokens_seen = 0
+        self.consumed = 0  # (global) micro-batches consumed since epoch 0 (the data position)
+        self.tokens_seen = 0  # summed over ranks at log/save steps
+        self._local_tokens = 0  # this rank's tokens since the last sum over ranks
         self.train_time_s = 0.0
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
@@ -344,9 +363,14 @@ class Trainer:
         return lr_factor(step, c.warmup_steps, c.max_steps, c.min_lr_ratio, c.scheduler)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights needed to continue bit-exactly (torch.load(weights_only=True)-safe)."""
+        """Everything but the weights needed to continue bit-exactly (torch.load(weights_only=True)-safe).
+
+        Distributed: every rank must call it (it gathers); only rank 0's result holds the optimizer state.
+        """
         epoch, batch_in_epoch = self.sampler.position(self.consumed)
-        return {
+        self._sync_token_count()
+        rngs = dist_utils.gather_objects(ckpt_io.capture_rng_state(), self.dist)
+        state = {
             "format_version": STATE_FORMAT_VERSION,
             "step": self.step,
             "data": {
@@ -354,40 +378,58 @@ class Trainer:
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
                 "batch_size": self.cfg.batch_size,
+                "world_size": self.dist.world_size,
                 "dataset_len": len(self.train_dataset),
                 "seed": self.cfg.seed,
             },
             "tokens_seen": self.tokens_seen,
             "train_time_s": self.train_time_s,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": dist_utils.full_optimizer_state(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": ckpt_io.capture_rng_state(),
+            "rng": rngs[0],
             "config": config_to_dict(self.cfg),
             "extra": self.extra_state,
         }
+        if len(rngs) > 1:
+            state["rng_per_rank"] = rngs  # distributed: each rank's dropout stream resumes exactly
+        return state
+
+    def _sync_token_count(self) -> None:
+        self.tokens_seen += dist_utils.sum_across_ranks(self._local_tokens, self.device, self.dist)
+        self._local_tokens = 0
 
     def save_checkpoint(self) -> Path:
         self._raise_if_nonfinite()
-        path = ckpt_io.save_checkpoint(
-            self.ckpt_root,
-            self.step,
-            self.model,
-            self.state_dict(),
-            self.run_config,
-            trainable_only=self.cfg.save_trainable_only,
-            extra_files=self.save_extra_files,
-            keep_last_k=self.cfg.keep_last_k,
-        )
+        # distributed: all ranks gather (FSDP shards, RNG states); rank 0 alone writes the full checkpoint
+        state = self.state_dict()
+        weights = dist_utils.checkpoint_model(self.model, self.dist)
+        path = self.ckpt_root / ckpt_io.checkpoint_name(self.step)
+        error: BaseException | None = None
+        if self.dist.is_main:
+            try:
+                path = ckpt_io.save_checkpoint(
+                    self.ckpt_root,
+                    self.step,
+                    weights,
+                    state,
+                    self.run_config,
+                    trainable_only=self.cfg.save_trainable_only,
+                    extra_files=self.save_extra_files,
+                    keep_last_k=self.cfg.keep_last_k,
+                )
+            except BaseException as err:  # re-raised below, after telling the other ranks
+                error = err
+        dist_utils.raise_if_rank0_failed(error, self.dist, "save a checkpoint")
         self.last_checkpoint = path
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, scaler, data position and (last) RNG from a checkpoint."""
         ckpt = ckpt_io.resolve_checkpoint(path)
-        state = ckpt_io.load_checkpoint(ckpt, self.model, trainable_only=self.cfg.save_trainable_only)
+        state = dist_utils.load_checkpoint(ckpt, self.model, trainable_only=self.cfg.save_trainable_only)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            dist_utils.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
@@ -397,12 +439,16 @@ class Trainer:
                 "was the checkpoint written with different trainable parameters?"
             ) from err
         data = state["data"]
-        now = {
-            "batch_size": self.cfg.batch_size,
-            "dataset_len": len(self.train_dataset),
-            "seed": self.cfg.seed,
-        }
+        # distributed: the position is in global micro-batches; rescale it when batch_size x world changed
+        saved_micro = int(data.get("batch_size", self.cfg.batch_size)) * int(data.get("world_size", 1))
+        now_micro = self.cfg.batch_size * self.dist.world_size
+        consumed, exact = dist_utils.rescale_data_position(
+            int(data["consumed_micro_batches"]), len(self.train_dataset), saved_micro, now_micro
+        )
+        now = {"dataset_len": len(self.train_dataset), "seed": self.cfg.seed}
         changed = {k: (data.get(k), v) for k, v in now.items() if data.get(k) != v}
+        if not exact:
+            changed["batch_size x world_size"] = (saved_micro, now_micro)
         if changed:
             warnings.warn(
                 f"resuming {ckpt} with changed {changed} (saved, now): the data order will differ from the "
@@ -410,14 +456,23 @@ class Trainer:
                 stacklevel=2,
             )
         self.step = int(state["step"])
-        self.consumed = int(data["consumed_micro_batches"])
+        self.consumed = consumed
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.train_time_s = float(state.get("train_time_s", 0.0))
         self.extra_state.clear()
         self.extra_state.update(state.get("extra") or {})
-        ckpt_io.restore_rng_state(state["rng"])  # last: nothing after this may draw random numbers
+        self._restore_rng(state)  # last: nothing after this may draw random numbers
         self.last_checkpoint = ckpt
         self.resumed_from = ckpt
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.dist.world_size > 1:
+            ckpt_io.restore_rng_state(per_rank[self.dist.rank])
+            return
+        ckpt_io.restore_rng_state(state["rng"])
+        if self.dist.rank > 0:  # distributed: world size changed; give each rank its own dropout stream
+            seed_everything(self.cfg.seed + 1_000_003 * self.dist.rank + self.step)
 
     def _resume_target(self) -> Path | None:
         cfg = self.cfg
@@ -438,9 +493,14 @@ class Trainer:
     def _train_loader(self) -> DataLoader:
         self.sampler.start = self.consumed
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.consumed)
+        batches: Any = self.sampler
+        if self.dist.world_size > 1:  # distributed: this rank's slice of every global micro-batch
+            batches = dist_utils.RankSlicedBatches(
+                self.sampler, self.dist.rank, self.dist.world_size, self.cfg.batch_size
+            )
         return DataLoader(
             self.train_dataset,
-            batch_sampler=self.sampler,
+            batch_sampler=batches,
             collate_fn=self.collate_fn,
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -464,30 +524,35 @@ class Trainer:
         """Train to ``cfg.max_steps`` (resuming per ``cfg.resume``); return a summary dict."""
         cfg = self.cfg
         target = self._resume_target()
-        ckpt_io.remove_stale_temp_dirs(self.ckpt_root)
+        main = self.dist.is_main  # distributed: only rank 0 touches out_dir and the logs
+        if main:
+            ckpt_io.remove_stale_temp_dirs(self.ckpt_root)
         if target is not None:
             self.load_checkpoint(target)
             log.info("resumed from %s at step %d", target, self.step)
-        else:
-            seed_everything(cfg.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
-        self.metric_logger = MetricLogger(
-            self.out_dir, cfg.tensorboard, resume_step=self.step if target is not None else None
-        )
-        log.info(
-            "training on %s (compute dtype %s), %d trainable params, step %d -> %d",
-            describe_device(self.device),
-            dtype_name(self.amp_dtype),
-            sum(p.numel() for p in self._params),
-            self.step,
-            cfg.max_steps,
-        )
+        else:  # rank 0 keeps the single-process streams; other ranks get their own dropout masks
+            seed_everything(cfg.seed + 1_000_003 * self.dist.rank)
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+            self.metric_logger = MetricLogger(
+                self.out_dir, cfg.tensorboard, resume_step=self.step if target is not None else None
+            )
+            log.info(
+                "training on %s (compute dtype %s), %d trainable params, step %d -> %d%s",
+                describe_device(self.device),
+                dtype_name(self.amp_dtype),
+                sum(p.numel() for p in self._params),
+                self.step,
+                cfg.max_steps,
+                f", {cfg.parallel} over {self.dist.world_size} processes" if self.dist.enabled else "",
+            )
         stopped_early = False
         try:
             stopped_early = self._run()
         finally:
-            self.metric_logger.close()
+            if self.metric_logger is not None:
+                self.metric_logger.close()
         return self.summary(stopped_early)
 
     def _run(self) -> bool:
@@ -500,7 +565,12 @@ class Trainer:
         self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         window = _Window()
         batches = iter(self._train_loader())
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
         self._train_model.train()
         stopped_early = False
         try:
@@ -513,6 +583,9 @@ class Trainer:
                 bar.update(1)
                 last = self.step == cfg.max_steps
                 out_of_time = cfg.time_limit_s > 0 and self.train_time_s >= cfg.time_limit_s and not last
+                if self.dist.world_size > 1:  # distributed: decide together, at log steps only
+                    at_log = self.step % cfg.log_every == 0
+                    out_of_time = at_log and dist_utils.any_rank(out_of_time, self.device, self.dist)
                 if self.step % cfg.log_every == 0 or last or out_of_time:
                     self._log_train(window, bar)
                 if has_eval and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
@@ -534,22 +607,24 @@ class Trainer:
         cfg = self.cfg
         accum = cfg.grad_accum_steps
         step_loss: torch.Tensor | float = 0.0
-        for _ in range(accum):
+        for i in range(accum):
             batch = next(batches)
             self.consumed += 1
             tokens, seq_len = batch_token_count(batch)
             batch = move_to_device(batch, self.device)
-            with autocast_context(self.device, self.amp_dtype):
-                loss, metrics = self.loss_fn(self._train_model, batch)
-            scaled = loss / accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            # distributed: gradients are synced across ranks on the last micro-batch only
+            with dist_utils.gradient_sync(self._wrapped, i == accum - 1):
+                with autocast_context(self.device, self.amp_dtype):
+                    loss, metrics = self.loss_fn(self._train_model, batch)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             step_loss = step_loss + loss.detach().float()
             window.add_micro(loss, metrics, tokens, seq_len)
-            self.tokens_seen += tokens
+            self._local_tokens += tokens
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip)
+            norm = dist_utils.as_local_tensor(torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip))
             window.grad_norm = window.grad_norm + norm.detach().float()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -566,15 +641,21 @@ class Trainer:
         self._bad_step = torch.where((self._bad_step < 0) & bad, self.step, self._bad_step)
 
     def _raise_if_nonfinite(self) -> None:
-        if self._bad_step is not None and int(self._bad_step) >= 0:
-            raise NonFiniteLossError(int(self._bad_step), self.last_checkpoint)
+        if self._bad_step is None:
+            return
+        bad = int(dist_utils.max_across_ranks(self._bad_step, self.dist))  # distributed: all ranks stop
+        if bad >= 0:
+            raise NonFiniteLossError(bad, self.last_checkpoint)
 
     def _log_train(self, window: _Window, bar: Any) -> None:
         if window.steps == 0:
             return
         self._raise_if_nonfinite()
         sums = {"loss": window.loss, "grad_norm": window.grad_norm, **window.metrics}
-        values = _as_floats(sums)
+        # distributed: one all_reduce averages the window over ranks; tokens are summed
+        values = _as_floats(dist_utils.mean_across_ranks(sums, self.device, self.dist))
+        window.tokens = dist_utils.sum_across_ranks(window.tokens, self.device, self.dist)
+        self._sync_token_count()
         row = {"train/loss": values.pop("loss") / window.micro}
         if self.cfg.grad_clip > 0:
             row["train/grad_norm"] = values.pop("grad_norm") / window.steps
@@ -586,13 +667,16 @@ class Trainer:
             tps = window.tokens / window.seconds
             row["train/tokens_per_s"] = tps
             if self._flops_per_token is not None and self._peak:
-                row["train/mfu"] = float(self._flops_per_token(window.seq_len)) * tps / self._peak
+                peak = self._peak * self.dist.world_size  # distributed: tps is global
+                row["train/mfu"] = float(self._flops_per_token(window.seq_len)) * tps / peak
         row["train/tokens_seen"] = float(self.tokens_seen)
-        self.metric_logger.log(self.step, row)
         self.last_train_log = row
+        window.reset()
+        if self.metric_logger is None:  # distributed: ranks > 0 do not log
+            return
+        self.metric_logger.log(self.step, row)
         bar.set_postfix(loss=f"{row['train/loss']:.4f}", lr=f"{row['train/lr']:.2e}", refresh=False)
         log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
-        window.reset()
 
     # -------------------------------------------------------------- eval
 
@@ -689,6 +773,7 @@ class Trainer:
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "device": describe_device(self.device),
+            "world_size": self.dist.world_size,
             "dtype": dtype_name(self.amp_dtype),
             **self.last_train_log,
             **self.last_eval,
