@@ -244,3 +244,45 @@ def test_engine_on_modern_model_equals_engine_on_exported_hf_model(tok, arch):
             for a, b in zip(row_a, row_b):
                 assert a.token_ids == b.token_ids and a.text == b.text
                 assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_generate_and_chat_on_a_trainer_checkpoint(tok, tmp_path, capsys):
+    import io
+
+    import yaml
+    from safetensors.torch import save_model
+
+    from modern_llm.config.base import config_to_dict
+    from modern_llm.inference.cli import chat_main, generate_main
+
+    model = make_model(tok)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000010"
+    ckpt.mkdir(parents=True)
+    save_model(model, str(ckpt / "model.safetensors"))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": config_to_dict(model.config), "train": {}}))
+    tok.save_pretrained(str(tmp_path / "run" / "tokenizer"))
+
+    assert (
+        generate_main(
+            ["--checkpoint", str(tmp_path / "run"), "--prompt", PROMPTS[1], "--max-new-tokens", "9"]
+        )
+        == 0
+    )
+    expected = generate(model, tok, PROMPTS[1], SamplingParams(max_new_tokens=9))[0][0].text
+    assert capsys.readouterr().out == expected + "\n"
+
+    out = io.StringIO()
+    assert (
+        chat_main(["--checkpoint", str(ckpt), "--max-new-tokens", "6"], io.StringIO("hi\n/exit\n"), out) == 0
+    )
+    end_ids = [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)[
+        "input_ids"
+    ]
+    reply = generate(model, tok, [ids], SamplingParams(max_new_tokens=6), eos_token_id=end_ids)[0][0].text
+    assert out.getvalue() == reply + "\n"
+    with pytest.raises(SystemExit):
+        generate_main(["--help"])

@@ -11,7 +11,7 @@ Design choices
 - Both commands call the one engine (``modern_llm.inference.engine.generate``); nothing here samples.
 - A chat turn ends at the tokenizer's EOS or a known end-of-turn token present in its vocabulary
   (``<|end|>`` for ours, ``<|im_end|>``/``<|eot_id|>`` for common HF chat models).
-- The checkpoint's ``config.yaml`` may hold the model config at top level or under a ``model:`` section.
+- Checkpoints load through the shared ``modern_llm.models.pretrained.load_pretrained`` (safetensors only).
 
 Footgun: with ``--num-samples > 1`` the samples are printed one after another once all are done (streaming N
 interleaved rows to one terminal is unreadable).
@@ -41,30 +41,20 @@ def _find_tokenizer_dir(ckpt: Path) -> Path:
 
 
 def load_checkpoint_model(path: str | Path, tokenizer: str | None = None, device: str = "cpu"):
-    """(ModernDecoderLM in eval mode, tokenizer) from a trainer checkpoint folder (or run folder)."""
-    from modern_llm.config.base import config_from_dict
-    from modern_llm.config.model_config import ModernLLMConfig
-    from modern_llm.data.tokenizer import load_tokenizer
-    from modern_llm.models.transformer import ModernDecoderLM
-    from modern_llm.utils.checkpointing import (
-        MODEL_FILE,
-        load_model_weights,
-        read_checkpoint_config,
-        resolve_checkpoint,
-    )
+    """(ModernDecoderLM in eval mode, tokenizer) from a trainer checkpoint folder (or run folder).
 
-    ckpt = resolve_checkpoint(path)
-    raw = read_checkpoint_config(ckpt)
-    section = raw.get("model", raw)
-    if not isinstance(section, dict):
-        raise ValueError(f"{ckpt / 'config.yaml'}: 'model' must be a mapping of ModernLLMConfig fields")
-    model = ModernDecoderLM(config_from_dict(ModernLLMConfig, section, prefix="model"))
-    weights = ckpt / MODEL_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing; is {ckpt} a checkpoint written by the trainer?")
-    load_model_weights(model, weights)
-    tok = load_tokenizer(tokenizer if tokenizer else _find_tokenizer_dir(ckpt))
-    return model.to(device).eval(), tok
+    Uses the shared loader ``modern_llm.models.pretrained.load_pretrained``; when the checkpoint has no
+    ``tokenizer/`` folder, the run folder above it is searched, and ``tokenizer`` overrides both.
+    """
+    from modern_llm.data.tokenizer import load_tokenizer
+    from modern_llm.models.pretrained import load_pretrained
+
+    model, tok, ckpt = load_pretrained(path, device=device)
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    elif tok is None:
+        tok = load_tokenizer(_find_tokenizer_dir(Path(ckpt)))
+    return model, tok
 
 
 def load_for_inference(args: argparse.Namespace):
