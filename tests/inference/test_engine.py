@@ -12,6 +12,17 @@ from modern_llm.inference.tools import calculator_completion
 from modern_llm.models import ModernDecoderLM
 from modern_llm.models.hf_convert import to_hf_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads
+    # waiting at a barrier for a descheduled peer made small matmuls ~100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CORPUS = [
     "the cat sat on the mat and the dog sat on the log.",
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May, 48+24 = <<48+24=72>>72 in total.",
@@ -286,3 +297,23 @@ def test_cli_generate_and_chat_on_a_trainer_checkpoint(tok, tmp_path, capsys):
     assert out.getvalue() == reply + "\n"
     with pytest.raises(SystemExit):
         generate_main(["--help"])
+
+
+@pytest.mark.parametrize("arch", ["gqa", "sinks"])
+def test_static_shape_decode_path_equals_eager(tok, arch):
+    # rows finish at different steps (EOS = a token the greedy run emits): the static path keeps them in the
+    # batch while eager compacts; both must give the same results
+    model = make_model(tok, **ARCHS[arch])
+    free = generate(model, tok, PROMPTS, SAMPLED, num_samples=2, ignore_eos=True)
+    eos = free[0][0].token_ids[3]
+    eager = generate(model, tok, PROMPTS, SAMPLED, num_samples=2, eos_token_id=eos, logprobs=True)
+    static = generate(
+        model, tok, PROMPTS, SAMPLED, num_samples=2, eos_token_id=eos, logprobs=True, decode_mode="static"
+    )
+    for row_a, row_b in zip(eager, static):
+        for a, b in zip(row_a, row_b):
+            assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert {r.finish_reason for row in eager for r in row} == {"eos", "length"}
+    with pytest.raises(ValueError, match="decode_mode"):
+        generate(model, tok, PROMPTS, decode_mode="turbo")

@@ -7,6 +7,17 @@ from modern_llm.config import ModernLLMConfig
 from modern_llm.inference.kv_cache import KVCache, StaticDecodeStep
 from modern_llm.models import ModernDecoderLM
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads
+    # waiting at a barrier for a descheduled peer made small matmuls ~100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 VOCAB = 64
 ARCHS = {
     "dense": {},

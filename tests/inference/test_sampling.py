@@ -19,6 +19,17 @@ from modern_llm.inference.sampling import (
     top_p_filter,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads
+    # waiting at a barrier for a descheduled peer made small matmuls ~100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 NEG_INF = float("-inf")
 
 

@@ -8,6 +8,17 @@ from modern_llm.inference.streaming import StreamingKVCache, streaming_perplexit
 from modern_llm.models import ModernDecoderLM
 from modern_llm.models.attention import apply_rope, rope_cos_sin
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP threads
+    # waiting at a barrier for a descheduled peer made small matmuls ~100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 VOCAB = 64
 
 

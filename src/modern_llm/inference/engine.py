@@ -27,9 +27,11 @@ Design choices
 - ``stream=True`` returns a generator of ``StreamEvent`` text deltas. Deltas hold back a trailing partial
   UTF-8 character and any suffix that could begin a stop string, so the concatenated deltas of a row equal
   its final ``text`` exactly.
-- ``decode_mode``: "eager" (default, CPU and GPU); on CUDA a ModernDecoderLM can use "cuda_graph" or
-  "compile" (a static-shape decode step, ``modern_llm.inference.kv_cache.StaticDecodeStep``); finished rows
-  are then kept in the batch, since a captured graph has fixed shapes.
+- ``decode_mode``: "eager" (default, CPU and GPU). For a ModernDecoderLM, "static" runs the fixed-shape
+  decode step (``modern_llm.inference.kv_cache.StaticDecodeStep``) without capture, and on CUDA
+  "cuda_graph" / "compile" capture it; finished rows then stay in the batch (fed a dummy token), since a
+  captured graph has fixed shapes. The capture modes could not be run on the CPU-only development machine;
+  "static" checks the same code path against "eager" in the tests.
 
 Footguns
 - The model is switched to eval mode for the duration of the call (dropout and MoE capacity dropping would
@@ -55,6 +57,9 @@ from modern_llm.inference.sampling import SamplingParams, make_generators, selec
 
 ToolFn = Callable[[str], "str | None"]
 FINISH_REASONS = ("eos", "stop", "length")
+# "eager": dynamic shapes, finished rows dropped; "static": the fixed-shape step run eagerly (CPU-testable);
+# "cuda_graph" / "compile": the fixed-shape step captured on CUDA.
+DECODE_MODES = ("eager", "static", "cuda_graph", "compile")
 
 
 @dataclass
@@ -95,8 +100,8 @@ class NativeBackend:
     """Engine backend for ``ModernDecoderLM`` on our preallocated ``KVCache``."""
 
     def __init__(self, model: torch.nn.Module, decode_mode: str = "eager"):
-        if decode_mode not in ("eager", "cuda_graph", "compile"):
-            raise ValueError(f"decode_mode must be 'eager', 'cuda_graph' or 'compile', got {decode_mode!r}")
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         self.model, self.decode_mode = model, decode_mode
         self.cache: KVCache | None = None
         self.next_pos: torch.Tensor | None = None  # (B,)
@@ -149,7 +154,8 @@ class NativeBackend:
         tokens = tokens.to(self.device)
         if self.decode_mode != "eager":
             if self._static is None:
-                self._static = StaticDecodeStep(self.model, self.cache, self.decode_mode)
+                step_mode = "eager" if self.decode_mode == "static" else self.decode_mode
+                self._static = StaticDecodeStep(self.model, self.cache, step_mode)
             logits = self._static(tokens, self.next_pos)
         else:
             out = self.model(tokens.view(-1, 1), positions=self.next_pos[:, None], kv_cache=self.cache)

@@ -169,8 +169,9 @@ class StaticDecodeStep:
     (the CPU path, used to test equivalence); "cuda_graph" captures it with ``torch.cuda.CUDAGraph`` on the
     first call; "compile" wraps it in ``torch.compile(mode="reduce-overhead")`` (which also uses CUDA graphs).
 
-    Footguns: MoE layers route with data-dependent shapes and cannot be captured (rejected here); the graph
-    bakes in the cache's buffer addresses, so build a new step after ``expand``/``keep_rows``.
+    Footguns: MoE layers route with data-dependent shapes, and learned absolute positions check their range
+    on the host, so neither can be captured (both rejected here); the graph bakes in the cache's buffer
+    addresses, so build a new step after ``expand``/``keep_rows``. Not run on a GPU during development.
     """
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, mode: str = "eager"):
