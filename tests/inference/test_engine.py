@@ -191,6 +191,8 @@ def test_model_mode_is_restored_and_bad_arguments_raise(tok):
         generate(model, tok, [""])
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, None, ["text"])
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(model, tok, [[1, 2, 10_000]])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, tok, PROMPTS, max_new_tokens=0)
     with pytest.raises(ValueError, match="transformers causal LM"):

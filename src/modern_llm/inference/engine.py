@@ -3,7 +3,8 @@
 Eval, prompting baselines, preference-pair sampling, self-consistency, best-of-N, revise-and-retry and chat
 all call ``generate``. It works on a ``ModernDecoderLM`` (``NativeBackend``, our ``KVCache``) and on any
 Hugging Face causal LM (``HFCausalLMBackend``, HF's own cache) through the same four backend calls:
-``prefill(prompts, max_len) -> (P, V)``, ``expand(n)``, ``keep_rows(rows)``, ``decode(tokens) -> (B, V)``.
+``prefill(prompts, max_len) -> (P, V)``, ``expand(n)``, ``keep_rows(rows)``, ``decode(tokens) -> (B, V)``
+(plus ``vocab_size`` and ``eos_token_ids()``).
 
 Design choices
 - Different prompt lengths: ONE left-padded prefill. Padding slots are masked out (the dense cache publishes
@@ -60,6 +61,7 @@ FINISH_REASONS = ("eos", "stop", "length")
 # "eager": dynamic shapes, finished rows dropped; "static": the fixed-shape step run eagerly (CPU-testable);
 # "cuda_graph" / "compile": the fixed-shape step captured on CUDA.
 DECODE_MODES = ("eager", "static", "cuda_graph", "compile")
+BACKEND_API = ("prefill", "expand", "keep_rows", "decode", "vocab_size", "eos_token_ids")
 
 
 @dataclass
@@ -170,7 +172,7 @@ def as_backend(model: Any, decode_mode: str = "eager"):
 
     if isinstance(model, ModernDecoderLM):
         return NativeBackend(model, decode_mode)
-    if all(hasattr(model, name) for name in ("prefill", "expand", "keep_rows", "decode")):
+    if all(hasattr(model, name) for name in BACKEND_API):
         return model
     try:
         from transformers import PreTrainedModel
@@ -184,7 +186,7 @@ def as_backend(model: Any, decode_mode: str = "eager"):
         return HFCausalLMBackend(model)
     raise ValueError(
         f"generate() got a {type(model).__name__}; pass a ModernDecoderLM, a transformers causal LM or a "
-        "backend with prefill/expand/keep_rows/decode"
+        f"backend with {'/'.join(BACKEND_API)}"
     )
 
 
@@ -267,6 +269,16 @@ def _check_args(tokenizer, num_samples, stop, tools) -> list[str]:
     return stops
 
 
+def _check_token_range(prompt_ids: list[list[int]], vocab_size: int) -> None:
+    for i, ids in enumerate(prompt_ids):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompts[{i}] has token ids {bad[:5]} outside the model's vocabulary [0, {vocab_size}); "
+                "was it encoded with a different tokenizer?"
+            )
+
+
 def _eos_ids(backend, tokenizer, eos_token_id, ignore_eos: bool) -> set[int]:
     if ignore_eos:
         return set()
@@ -312,6 +324,7 @@ def generate(
     stops = _check_args(tokenizer, num_samples, stop, tools)
     prompt_ids = _encode_prompts(tokenizer, prompts)
     backend = as_backend(model, decode_mode)
+    _check_token_range(prompt_ids, backend.vocab_size)
     eos = _eos_ids(backend, tokenizer, eos_token_id, ignore_eos)
     events = _generation_events(
         backend, tokenizer, prompt_ids, params, num_samples, stops, tools, eos, logprobs, stream
@@ -387,7 +400,7 @@ def _decode_loop(
             event = _advance_row(
                 rows[i], token_list[j], bool(forced[j]), lp, tokenizer, params, stops, tools, eos
             )
-            if event is not None and (stream or event.finished):
+            if stream or event.finished:
                 yield event
             if rows[i].result is None:
                 still.append(j)
