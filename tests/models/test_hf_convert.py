@@ -104,3 +104,13 @@ def test_export_folder_loads_with_automodel_and_matches(tmp_path, kw):
 def test_unrepresentable_features_refuse_to_export(kw, needle):
     with pytest.raises(UnsupportedExport, match=needle):
         to_hf_model(ModernDecoderLM(tiny(**kw)))
+
+
+def test_export_takes_special_ids_from_tokenizer_not_llama_defaults():
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 0, 0, 1
+
+    hf = to_hf_model(ModernDecoderLM(tiny()))
+    assert hf.config.eos_token_id is None and hf.generation_config.eos_token_id is None
+    hf = to_hf_model(ModernDecoderLM(tiny()), Tok())
+    assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.generation_config.pad_token_id) == (0, 0, 1)

@@ -104,8 +104,18 @@ def to_hf_state_dict(model: ModernDecoderLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def to_hf_model(model: ModernDecoderLM):
-    """Build the equivalent in-memory HF model (fp32, eval mode)."""
+def _set_special_ids(hf, tokenizer) -> None:
+    """Llama's config defaults (bos=1, eos=2) name unrelated tokens in our vocabularies: take them from the
+    tokenizer, or clear them, so HF ``generate`` never stops on a wrong id."""
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None) if tokenizer is not None else None
+        setattr(hf.config, attr, value)
+        if getattr(hf, "generation_config", None) is not None:
+            setattr(hf.generation_config, attr, value)
+
+
+def to_hf_model(model: ModernDecoderLM, tokenizer=None):
+    """Build the equivalent in-memory HF model (fp32, eval mode); special ids come from ``tokenizer``."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_config(hf_config_for(model.config), dtype=torch.float32)
@@ -115,16 +125,14 @@ def to_hf_model(model: ModernDecoderLM):
         raise RuntimeError(f"HF export mapping is out of date: missing={missing} unexpected={unexpected}")
     if model.config.tie_embeddings:
         hf.tie_weights()
+    _set_special_ids(hf, tokenizer)
     return hf.eval()
 
 
 def export_hf(model: ModernDecoderLM, out_dir: str | Path, tokenizer=None) -> Path:
     """Write an HF folder (safetensors + config [+ tokenizer]) loadable with ``AutoModelForCausalLM``."""
     out_dir = Path(out_dir)
-    hf = to_hf_model(model)
-    if tokenizer is not None:
-        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            setattr(hf.config, attr, getattr(tokenizer, attr, None))
+    hf = to_hf_model(model, tokenizer)
     hf.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
