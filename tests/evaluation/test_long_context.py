@@ -1,0 +1,258 @@
+"""Long-context harness: per-token NLL per method, cache parameters, stream forming, metrics, config errors,
+and one tiny end-to-end run (train both models, evaluate, record + PNGs + log, then reuse the run folders)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modern_llm.config import ModernLLMConfig
+from modern_llm.data.tokenizer import train_bpe_tokenizer
+from modern_llm.evaluation.long_context import (
+    METHODS,
+    LongContextConfig,
+    LongContextEvalConfig,
+    form_streams,
+    length_metrics,
+    load_long_context_config,
+    main,
+    method_cache,
+    moving_average,
+    per_token_nll,
+    run_experiment,
+)
+from modern_llm.inference.streaming import StreamingKVCache
+from modern_llm.models import ModernDecoderLM
+from modern_llm.utils.records import RECORD_KEYS
+
+VOCAB = 64
+
+
+def make_model(**kw):
+    torch.manual_seed(0)
+    base = dict(
+        vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, init_std=0.2
+    )
+    return ModernDecoderLM(ModernLLMConfig(**(base | kw))).eval()
+
+
+@torch.no_grad()
+def fresh_window_reference(model, ids, window):
+    """Independent reference for window_recompute: one forward per prediction, no batching or reuse."""
+    out = []
+    for t in range(len(ids) - 1):
+        ctx = ids[max(0, t - window + 1) : t + 1]
+        out.append(F.cross_entropy(model(ctx[None]).logits[0, -1], ids[t + 1]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kw", [{}, {"n_sinks": 2}])
+def test_every_method_gives_finite_nll_per_predicted_token(method, kw):
+    model = make_model(**kw)
+    ids = torch.randint(0, VOCAB, (50,))
+    nll = per_token_nll(model, ids, method, cache_budget=8, n_sink=2, recompute_batch=7)
+    assert nll.shape == (49,) and nll.dtype == torch.float32
+    assert torch.isfinite(nll).all() and (nll > 0).all()
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_sinks": 1}])
+def test_budget_covering_the_stream_makes_every_method_equal_dense(kw):
+    model = make_model(**kw)
+    ids = torch.randint(0, VOCAB, (30,))
+    dense = per_token_nll(model, ids, "dense", cache_budget=30)
+    full = F.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:], reduction="none")
+    torch.testing.assert_close(dense, full.detach(), atol=1e-5, rtol=1e-5)
+    for method in ("window", "sink", "window_recompute"):
+        got = per_token_nll(model, ids, method, cache_budget=30, n_sink=4)
+        torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_window_recompute_matches_one_fresh_forward_per_token():
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (40,))
+    got = per_token_nll(model, ids, "window_recompute", cache_budget=9, recompute_batch=5)
+    torch.testing.assert_close(got, fresh_window_reference(model, ids, 9), atol=1e-5, rtol=1e-5)
+
+
+def test_window_cache_equals_recompute_only_for_a_one_layer_model():
+    # With one layer, K/V depend on the token alone (RoPE is relative), so a stale cache loses nothing; with two,
+    # layer-2 K/V were computed from contexts that later get evicted, which is what separates the methods.
+    ids = torch.randint(0, VOCAB, (40,))
+    one = make_model(n_layers=1)
+    torch.testing.assert_close(
+        per_token_nll(one, ids, "window", cache_budget=8),
+        per_token_nll(one, ids, "window_recompute", cache_budget=8),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    two = make_model()
+    stale = per_token_nll(two, ids, "window", cache_budget=8)
+    fresh = per_token_nll(two, ids, "window_recompute", cache_budget=8)
+    torch.testing.assert_close(stale[:8], fresh[:8], atol=1e-5, rtol=1e-5)  # nothing evicted yet
+    assert not torch.allclose(stale[10:], fresh[10:], atol=1e-3)
+
+
+def test_sink_method_keeps_exactly_the_first_n_sink_tokens_and_the_budget():
+    model = make_model()
+    budget, n_sink = 10, 3
+    kind, sinks, window = method_cache("sink", budget, n_sink)
+    assert (kind, sinks, window) == ("sink", 3, 6)
+    ids = torch.randint(0, VOCAB, (40,))
+    cache = StreamingKVCache.for_model(model, sinks, window)
+    nll = []
+    with torch.no_grad():
+        for t in range(39):
+            logits = model(ids[None, t : t + 1], kv_cache=cache).logits[0, -1]
+            nll.append(F.cross_entropy(logits, ids[t + 1]))
+            # after the forward, a query has seen the sinks, `window` past tokens and itself = budget tokens
+            assert cache.length == min(t + 1, budget - 1)
+    assert cache.kept[:n_sink].tolist() == [0, 1, 2]
+    assert cache.kept[n_sink:].tolist() == list(range(39 - window, 39))
+    torch.testing.assert_close(per_token_nll(model, ids, "sink", budget, n_sink), torch.stack(nll))
+    assert method_cache("window", budget, n_sink) == ("window", 0, 9)
+    with pytest.raises(ValueError, match="no recent window"):
+        method_cache("sink", 4, 3)
+
+
+def test_form_streams_start_at_eos_and_do_not_overlap():
+    eos = 0
+    tokens = [0, 5, 6, 7, 0, 8, 9, 0, 1, 2, 3, 4, 0, 5, 0, 6, 6, 6]
+    streams = form_streams(tokens, eos, length=5, n_streams=10)
+    assert streams.tolist() == [
+        [0, 5, 6, 7, 0],
+        [0, 1, 2, 3, 4],
+        [0, 5, 0, 6, 6],
+    ]  # eos at 4 is inside stream 1
+    assert form_streams(tokens, eos, length=5, n_streams=2).shape == (2, 5)
+    with pytest.raises(ValueError, match="eval.lengths"):
+        form_streams(tokens, eos, length=40, n_streams=1)
+
+
+def test_length_metrics_pool_prefixes_and_count_decoded_bytes():
+    tok = train_bpe_tokenizer(["the cat sat on the mat. " * 20, "a dog ran. " * 20], vocab_size=300)
+    eos = tok.eos_token_id
+    text_ids = tok.encode("the cat sat on the mat. a dog ran.")
+    streams = torch.tensor([[eos, *text_ids[:9]], [eos, *text_ids[-9:]]])  # (2, 10)
+    nll = torch.rand(2, 9) + 0.5
+    out = length_metrics(nll, streams, tok, lengths=[4, 10], tail_tokens=2)
+    assert out["4"]["ppl"] == pytest.approx(math.exp(nll[:, :3].mean().item()), rel=1e-6)
+    assert out["4"]["tail_ppl"] == pytest.approx(math.exp(nll[:, 1:3].mean().item()), rel=1e-6)
+    full_bytes = sum(len(tok.decode(s[1:].tolist()).encode()) for s in streams)
+    assert out["10"]["n_bytes"] == full_bytes and out["10"]["n_tokens"] == 18
+    assert out["10"]["bpb"] == pytest.approx(nll.sum().item() / (math.log(2) * full_bytes), rel=1e-6)
+    tail_bytes = sum(len(tok.decode(s[8:].tolist()).encode()) for s in streams)
+    assert out["10"]["tail_bpb"] == pytest.approx(
+        nll[:, 7:].sum().item() / (math.log(2) * tail_bytes), rel=1e-6
+    )
+
+
+def test_moving_average_is_trailing():
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"eval.lengths": [1, 64]}, "eval.lengths"),
+        ({"eval.methods": ["dense", "ring"]}, "eval.methods"),
+        ({"eval.split": "train"}, "eval.split"),
+        ({"eval.n_sink": 0}, "eval.n_sink"),
+        ({"eval.cache_budget": 4}, "eval.cache_budget"),
+        ({"eval.n_streams": 0}, "eval.n_streams"),
+        ({"learned_sinks": 0}, "learned_sinks"),
+        ({"lm.model.pos_encoding": "learned"}, "lm.model.pos_encoding"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        load_long_context_config(None, overrides)
+
+
+def test_yaml_lm_section_only_changes_named_fields_and_cli_errors_exit(tmp_path, capsys):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("lm: {train: {max_steps: 70}}\neval: {lengths: [16, 8]}\n")
+    cfg = load_long_context_config(yaml_file, ["--eval.n_streams", "3"])
+    assert (
+        cfg.lm.train.max_steps == 70 and cfg.lm.model.max_seq_len == LongContextConfig().lm.model.max_seq_len
+    )
+    assert cfg.eval.lengths == [8, 16] and cfg.eval.n_streams == 3
+    with pytest.raises(SystemExit):
+        main(["--eval.methods", "ring"])
+    assert "eval.methods" in capsys.readouterr().err
+    assert LongContextEvalConfig().methods == list(METHODS)
+
+
+def tiny_config(tmp_path, **overrides):
+    base = {
+        "name": "tiny-lc",
+        "out_dir": str(tmp_path / "experiments" / "long_context"),
+        "lm.model.d_model": 32,
+        "lm.model.n_heads": 2,
+        "lm.model.n_kv_heads": 1,
+        "lm.model.max_seq_len": 16,
+        "lm.train.out_dir": str(tmp_path / "runs"),
+        "lm.train.max_steps": 6,
+        "lm.train.batch_size": 4,
+        "lm.train.warmup_steps": 1,
+        "lm.train.eval_batches": 2,
+        "lm.train.progress": False,
+        "lm.data.corpus": "embedded:150",
+        "lm.data.vocab_size": 400,
+        "lm.data.cache_dir": str(tmp_path / "cache"),
+        "lm.sample.max_new_tokens": 3,
+        "eval.lengths": [8, 16, 32, 64],
+        "eval.n_streams": 2,
+        "eval.smooth": 4,
+    }
+    return load_long_context_config(None, base | overrides)
+
+
+def test_end_to_end_trains_both_models_writes_record_and_reuses_runs(tmp_path):
+    cfg = tiny_config(tmp_path)
+    record = run_experiment(cfg, command="pytest tiny long-context")
+    assert set(record) == set(RECORD_KEYS) and record["command"] == "pytest tiny long-context"
+    metrics = record["metrics"]
+    assert set(metrics) == {"no_sink", "learned_sink"}
+    for per_method in metrics.values():
+        assert set(per_method) == set(METHODS)
+        for per_len in per_method.values():
+            assert set(per_len) == {"8", "16", "32", "64"}
+            assert all(math.isfinite(m["ppl"]) and m["bpb"] > 0 for m in per_len.values())
+    # up to the cache budget (= training context 16) nothing is evicted: every method equals dense
+    for per_method in metrics.values():
+        for method in ("window", "sink", "window_recompute"):
+            assert per_method[method]["16"]["ppl"] == pytest.approx(
+                per_method["dense"]["16"]["ppl"], rel=1e-4
+            )
+    models = record["protocol"]["models"]
+    assert models["no_sink"]["n_sinks"] == 0 and models["learned_sink"]["n_sinks"] == 1
+    assert models["no_sink"]["tokenizer_hash"] == models["learned_sink"]["tokenizer_hash"]
+    out = tmp_path / "experiments" / "long_context"
+    assert (out / "tiny-lc_ppl_vs_length.png").stat().st_size > 0
+    assert (out / "tiny-lc_nll_vs_position.png").stat().st_size > 0
+    curves = json.loads((out / "tiny-lc_curves.json").read_text())["mean_nll_by_position"]
+    assert len(curves["learned_sink"]["sink"]) == 63
+    assert "long-context (tiny-lc)" in (tmp_path / "experiments" / "LOG.md").read_text()
+
+    reused = tiny_config(
+        tmp_path,
+        no_sink_run=str(tmp_path / "runs" / "no_sink"),
+        learned_sink_run=str(tmp_path / "runs" / "learned_sink"),
+        log=False,
+        **{"eval.methods": ["dense", "sink"]},
+    )
+    again = run_experiment(reused, command="reuse")["metrics"]
+    assert again["learned_sink"]["sink"]["64"]["ppl"] == pytest.approx(
+        metrics["learned_sink"]["sink"]["64"]["ppl"]
+    )
+    swapped = tiny_config(
+        tmp_path,
+        no_sink_run=str(tmp_path / "runs" / "no_sink"),
+        learned_sink_run=str(tmp_path / "runs" / "no_sink"),
+        log=False,
+    )
+    with pytest.raises(ValueError, match="learned_sink_run"):
+        run_experiment(swapped, command="swap")
