@@ -12,6 +12,10 @@ import sys
 
 # verb -> (implementation "module:function", one-line help). Each function takes argv and returns an exit code.
 VERBS: dict[str, tuple[str, str]] = {
+    "quickstart": (
+        "modern_llm.quickstart:main",
+        "the whole lifecycle on embedded data + a report card (~10 min)",
+    ),
     "train-lm": (
         "modern_llm.training.train_lm:main",
         "pretrain ModernDecoderLM on a corpus (configs/lm/*.yaml)",

@@ -63,3 +63,16 @@ def test_overrides_rederive_fields_that_were_derived():
     explicit = ModernLLMConfig(d_model=64, n_heads=4, n_kv_heads=2, d_ff=100)
     c = apply_overrides(explicit, ["--d_model", "128"])
     assert c.n_kv_heads == 2 and c.d_ff == 100  # user-set values stay
+
+
+def test_nested_validation_errors_name_the_section():
+    from dataclasses import dataclass, field
+
+    from modern_llm.config.base import config_from_dict
+
+    @dataclass
+    class Run:
+        model: ModernLLMConfig = field(default_factory=ModernLLMConfig)
+
+    with pytest.raises(ValueError, match=r"^model: d_model \(100\)"):
+        config_from_dict(Run, {"model": {"d_model": 100, "n_heads": 3}})

@@ -102,7 +102,12 @@ def config_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         where = f" in '{prefix}'" if prefix else ""
         raise ValueError(f"unknown config key(s) {unknown}{where}; valid keys: {sorted(types_)}")
     kwargs = {k: coerce(v, types_[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # name the section, so "warmup_steps" reads as "sft_train: warmup_steps ..."
+        if prefix and not str(err).startswith(prefix):
+            raise ValueError(f"{prefix}: {err}") from None
+        raise
 
 
 def config_to_dict(cfg: Any, resolved: bool = True) -> dict[str, Any]:
