@@ -1,0 +1,623 @@
+"""The alignment pipeline: base -> SFT -> DPO -> DPO + verifier reranking, evaluated the same way at each stage.
+
+    modern-llm align --config configs/alignment/arithmetic_scratch.yaml [--seeds 0,1,2 ...]
+
+Per seed:
+1. ``base``: the starting policy -- a fresh ModernDecoderLM (``model: scratch``; it has seen nothing) or a
+   pretrained/instruct HF model.
+2. ``sft``: SFT on the task's train split (``training.train_sft``; LoRA for HF models when enabled, merged
+   afterwards so the next stage starts from a plain model).
+3. On-policy data: the SFT policy samples ``pairs.num_samples`` solutions per train question
+   (``data.preference_datasets``); the task's checker labels them. Questions with both outcomes give DPO pairs;
+   all labelled samples train the verifier.
+4. ``verifier``: trunk copied from the SFT policy + scalar head, BCE (``training.train_verifier``).
+5. ``dpo``: DPO from the SFT policy, reference = the SFT policy, log-probs precomputed (``training.train_dpo``).
+6. ``dpo+verifier``: the DPO policy's N samples reranked by the verifier (best-of-N).
+
+Evaluation protocol, identical for every stage (``evaluate_policy``): the first ``eval.n_questions``
+questions of ``eval.split``; accuracy with greedy decoding; N = ``eval.num_samples`` samples at
+``eval.temperature`` per question (one prefill per question, the engine's ``num_samples``); from the same N
+samples: maj@N (majority vote over extracted answers, ``metrics.majority_vote``), verifier@N (the sample
+with the highest verifier score), weighted@N (verifier-weighted vote), pass@N (oracle: any sample correct,
+``metrics.pass_at_k(N, c, N)``) and sampled pass@1. The verifier is trained after SFT, so verifier@N of the
+base/SFT rows is computed once it exists (the samples are kept). Every number is reported as mean ± std
+over seeds (``metrics.mean_std``) in a Markdown table and a JSON record under ``experiments/alignment/``,
+together with a stage-gain table (what each stage adds to the headline number: greedy accuracy for
+base/SFT/DPO, verifier@N for the reranking stage).
+
+Design choices
+- Nothing here trains or samples by itself: it only chains the stage functions (one trainer, one engine,
+  one task object), so the pipeline cannot drift from the stage CLIs.
+- The SFT and DPO policies are the SAME module trained in place (no copies of a HF model are held); the
+  verifier's trunk is a copy taken right after SFT.
+- Train and eval questions never overlap: when both come from the same split (SVAMP has only "test"), the
+  train questions start after the eval ones (``data.offset``), which is checked.
+
+Footguns
+- ``seeds`` change model init (scratch), data order, and sampling; a seed's eval questions are the same.
+- For a scratch model ``base`` is a random network (accuracy ~0 by construction); its row is there so the
+  table reads the same for every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modern_llm.config.base import config_to_dict, parse_config_cli
+from modern_llm.config.train_config import TrainConfig
+from modern_llm.data.preference_datasets import (
+    Sample,
+    build_math_pairs,
+    sample_solutions,
+    save_preference_jsonl,
+)
+from modern_llm.evaluation import metrics
+from modern_llm.training.train_dpo import DPOConfig, train_dpo
+from modern_llm.training.train_sft import (
+    SCRATCH,
+    LoRAConfig,
+    ScratchConfig,
+    TaskDataConfig,
+    build_scratch_policy,
+    check_chat,
+    generation_model,
+    load_policy,
+    load_task,
+    maybe_apply_lora,
+    scratch_tokenizer_texts,
+    sft_records,
+    stop_token_ids,
+    train_sft,
+    trainer_run_config,
+)
+from modern_llm.training.train_verifier import (
+    VerifierConfig,
+    score_solutions,
+    train_verifier,
+    verifier_records,
+)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("base", "sft", "dpo", "dpo+verifier")
+METRIC_KEYS = ("accuracy", "maj_at_n", "verifier_at_n", "weighted_at_n", "pass_at_n", "pass_at_1_sampled")
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    n_questions: int = 100
+    num_samples: int = 8  # N of maj@N / verifier@N / pass@N
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 160
+    batch_prompts: int = 32  # prompts per engine call (each expanded to num_samples rows)
+
+
+@dataclass
+class PairConfig:
+    n_questions: int = 300  # train questions the SFT policy samples solutions for
+    num_samples: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    max_pairs_per_question: int = 2
+
+
+def _train(out_dir: str, **kw: Any) -> TrainConfig:
+    base = {"device": "cpu", "dtype": "fp32", "progress": False, "tensorboard": False, "keep_last_k": 1}
+    return TrainConfig(out_dir=out_dir, **(base | kw))
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "alignment-arithmetic-scratch"
+    model: str = SCRATCH  # "scratch" | our policy folder | HF folder | registry name
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    out_dir: str = "runs/alignment"  # checkpoints, pairs and samples per seed
+    results_dir: str = "experiments/alignment"  # Markdown summary + JSON record
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    offset: int = 0  # skip this many questions of data.split (no overlap with eval on a shared split)
+    instruction: str | None = None  # override the task's instruction line (None = the task's own)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sft_train: TrainConfig = field(
+        default_factory=lambda: _train("runs/alignment/sft", lr=2e-3, warmup_steps=20, max_steps=300)
+    )
+    pairs: PairConfig = field(default_factory=PairConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    dpo_train: TrainConfig = field(
+        default_factory=lambda: _train("runs/alignment/dpo", lr=1e-4, warmup_steps=5, max_steps=60)
+    )
+    dpo_lora: bool = False  # DPO with fresh LoRA adapters on the (merged) SFT model (HF models only)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    verifier_train: TrainConfig = field(
+        default_factory=lambda: _train("runs/alignment/verifier", lr=5e-4, warmup_steps=5, max_steps=100)
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    skip_sft: bool = False  # start DPO from the base (e.g. an instruct model already good at the format)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed, e.g. --seeds 0,1,2")
+        if self.offset < 0:
+            raise ValueError(f"offset must be >= 0, got {self.offset}")
+        if self.eval.num_samples < 2:
+            raise ValueError("eval.num_samples must be >= 2 (N for maj@N / verifier@N / pass@N)")
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class StageSamples:
+    """What one stage produced on the eval questions (kept so verifier@N can be computed later)."""
+
+    greedy: list[Sample]
+    sampled: list[list[Sample]]
+
+
+def _sampling(temperature: float, max_new_tokens: int, seed: int, top_k: int = 0, top_p: float = 1.0):
+    from modern_llm.inference.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+    )
+
+
+def generate_for_eval(model, tokenizer, task, examples, prompts, cfg: EvalConfig, seed: int) -> StageSamples:
+    """Greedy + N sampled solutions per eval question through the engine."""
+    gen_model, stops = generation_model(model), stop_token_ids(tokenizer)
+    greedy = sample_solutions(
+        gen_model,
+        tokenizer,
+        task,
+        examples,
+        prompts,
+        1,
+        _sampling(0.0, cfg.max_new_tokens, seed),
+        stops,
+        cfg.batch_prompts,
+    )
+    sampled = sample_solutions(
+        gen_model,
+        tokenizer,
+        task,
+        examples,
+        prompts,
+        cfg.num_samples,
+        _sampling(cfg.temperature, cfg.max_new_tokens, seed, cfg.top_k, cfg.top_p),
+        stops,
+        cfg.batch_prompts,
+    )
+    return StageSamples([row[0] for row in greedy], sampled)
+
+
+def score_metrics(
+    task, examples, samples: StageSamples, verifier_scores: list[list[float]] | None
+) -> dict[str, float]:
+    """Accuracy (greedy), maj@N, verifier@N, weighted@N, pass@N, sampled pass@1 for one stage."""
+    n = len(samples.sampled[0])
+    acc, maj, pass_n, pass_1, ver, wvote = [], [], [], [], [], []
+    for q, example in enumerate(examples):
+        row = samples.sampled[q]
+        c = sum(s.correct for s in row)
+        acc.append(samples.greedy[q].correct)
+        vote = metrics.majority_vote([s.answer for s in row])
+        maj.append(vote is not None and task.is_correct(str(vote), example))
+        pass_n.append(metrics.pass_at_k(n, c, n))
+        pass_1.append(metrics.pass_at_k(n, c, 1))
+        if verifier_scores is not None:
+            scores = verifier_scores[q]
+            best = max(range(n), key=lambda i: scores[i])  # first index wins ties
+            ver.append(row[best].correct)
+            weighted = metrics.weighted_vote([s.answer for s in row], scores)
+            wvote.append(weighted is not None and task.is_correct(str(weighted), example))
+    out = {
+        "accuracy": _mean(acc),
+        "maj_at_n": _mean(maj),
+        "pass_at_n": _mean(pass_n),
+        "pass_at_1_sampled": _mean(pass_1),
+        "no_answer_rate": _mean([s.answer is None for s in samples.greedy]),
+    }
+    if verifier_scores is not None:
+        out["verifier_at_n"] = _mean(ver)
+        out["weighted_at_n"] = _mean(wvote)
+    return out
+
+
+def _mean(values: Sequence[float | bool]) -> float:
+    return float(sum(values)) / max(len(values), 1)
+
+
+def verifier_scores_for(
+    verifier, tokenizer, prompts, samples: StageSamples, cfg: VerifierConfig
+) -> list[list[float]]:
+    n = len(samples.sampled[0])
+    flat_prompts = [p for p in prompts for _ in range(n)]
+    flat_texts = [s.text for row in samples.sampled for s in row]
+    flat = score_solutions(verifier, tokenizer, flat_prompts, flat_texts, cfg.max_length)
+    return [flat[q * n : (q + 1) * n] for q in range(len(prompts))]
+
+
+def verifier_quality(samples: StageSamples, scores: list[list[float]], threshold: float) -> dict[str, float]:
+    """AUC / FAR / FRR of the verifier on one stage's eval samples (held-out questions)."""
+    from modern_llm.training.train_verifier import evaluate_scores
+
+    labels = [int(s.correct) for row in samples.sampled for s in row]
+    flat = [x for row in scores for x in row]
+    return evaluate_scores(labels, flat, threshold)
+
+
+# ----------------------------------------------------------------------------------------------- one seed
+
+
+def _seeded(cfg: TrainConfig, seed: int, out_dir: Path, n_examples: int | None = None) -> TrainConfig:
+    """The stage's train config for one seed; the batch shrinks to fit a small on-policy dataset."""
+    batch = cfg.batch_size
+    if n_examples is not None and n_examples < batch:
+        log.warning(
+            "only %d examples for %s: batch_size %d -> %d", n_examples, out_dir.name, batch, n_examples
+        )
+        batch = n_examples
+    return dataclasses.replace(cfg, seed=seed, out_dir=str(out_dir), resume="none", batch_size=batch)
+
+
+def _task_and_data(cfg: PipelineConfig):
+    task = load_task(cfg.data)
+    if cfg.instruction is not None:
+        task.instruction = cfg.instruction  # instance override of the class default
+    eval_examples = task.load(cfg.eval.split, data_dir=cfg.data.data_dir, limit=cfg.eval.n_questions)
+    want = None if cfg.data.limit is None else cfg.offset + cfg.data.limit
+    train_all = task.load(cfg.data.split, data_dir=cfg.data.data_dir, limit=want)
+    train_examples = train_all[cfg.offset :]
+    if cfg.data.split == cfg.eval.split and cfg.offset < len(eval_examples):
+        raise ValueError(
+            f"train and eval both use split {cfg.eval.split!r}: set offset >= eval.n_questions "
+            f"({cfg.eval.n_questions}) so the train questions do not include eval questions"
+        )
+    if not train_examples:
+        raise ValueError(f"no train examples left in split {cfg.data.split!r} after offset={cfg.offset}")
+    return task, train_examples, eval_examples
+
+
+def _policy(cfg: PipelineConfig, task, train_examples, seed: int):
+    if cfg.model == SCRATCH:
+        return build_scratch_policy(cfg.scratch, scratch_tokenizer_texts(task, train_examples), seed)
+    torch.manual_seed(seed)
+    return load_policy(cfg.model)
+
+
+def _merge_if_lora(model):
+    if hasattr(model, "merge_and_unload"):
+        from modern_llm.hf.lora_utils import merge_adapter
+
+        return merge_adapter(model)
+    return model
+
+
+def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
+    """All stages for one seed -> {"stages": {stage: metrics}, "verifier": {...}, "pairs": {...}, ...}."""
+    t_seed = time.time()
+    seed_dir = Path(cfg.out_dir) / f"seed{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    task, train_examples, eval_examples = _task_and_data(cfg)
+    model, tokenizer = _policy(cfg, task, train_examples, seed)
+    check_chat(tokenizer, cfg.data.chat)
+    eval_prompts = [task.render_prompt(ex, chat=cfg.data.chat, tokenizer=tokenizer) for ex in eval_examples]
+    samples: dict[str, StageSamples] = {}
+    timings: dict[str, float] = {}
+
+    def timed(key: str, fn, *args, **kw):
+        t0 = time.time()
+        out = fn(*args, **kw)
+        timings[key] = round(time.time() - t0, 1)
+        log.info("seed %d: %s took %.1f s", seed, key, timings[key])
+        return out
+
+    samples["base"] = timed(
+        "eval_base", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
+    )
+
+    if not cfg.skip_sft:
+        model = maybe_apply_lora(model, cfg.lora)
+        records = sft_records(task, train_examples, tokenizer, cfg.data.chat)
+        timed(
+            "train_sft",
+            train_sft,
+            model,
+            tokenizer,
+            records,
+            _seeded(cfg.sft_train, seed, seed_dir / "sft"),
+            cfg.data.max_length,
+            run_config=trainer_run_config(model, cfg),
+        )
+        model = _merge_if_lora(model)
+    samples["sft"] = timed(
+        "eval_sft", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
+    )
+
+    # On-policy samples from the SFT policy on train questions -> DPO pairs + verifier records.
+    pair_examples = train_examples[: cfg.pairs.n_questions]
+    pair_prompts = [task.render_prompt(ex, chat=cfg.data.chat, tokenizer=tokenizer) for ex in pair_examples]
+    pair_sampling = _sampling(cfg.pairs.temperature, cfg.eval.max_new_tokens, seed + 10_000, cfg.pairs.top_k)
+    train_samples = timed(
+        "sample_pairs",
+        sample_solutions,
+        generation_model(model),
+        tokenizer,
+        task,
+        pair_examples,
+        pair_prompts,
+        cfg.pairs.num_samples,
+        pair_sampling,
+        stop_token_ids(tokenizer),
+        cfg.eval.batch_prompts,
+    )
+    pairs, pair_stats = build_math_pairs(pair_prompts, train_samples, cfg.pairs.max_pairs_per_question, seed)
+    save_preference_jsonl(pairs, seed_dir / "pairs.jsonl")
+    v_records = verifier_records(pair_prompts, train_samples)
+    _write_jsonl(v_records, seed_dir / "verifier_records.jsonl")
+
+    verifier_summary: dict[str, Any] = {}
+    verifier = None
+    if 0 < sum(r["label"] for r in v_records) < len(v_records):
+        from modern_llm.models.verifier import verifier_from_lm
+
+        verifier = verifier_from_lm(model)
+        verifier_summary = timed(
+            "train_verifier",
+            train_verifier,
+            verifier,
+            tokenizer,
+            v_records,
+            cfg.verifier,
+            _seeded(cfg.verifier_train, seed, seed_dir / "verifier", len(v_records)),
+            None,
+            {"pipeline": config_to_dict(cfg)},
+        )
+    else:
+        log.warning("seed %d: verifier skipped: the SFT samples are all correct or all wrong", seed)
+
+    dpo_summary: dict[str, Any] = {}
+    if pairs:
+        if cfg.dpo_lora:
+            model = maybe_apply_lora(model, dataclasses.replace(cfg.lora, enabled=True))
+        dpo_summary = timed(
+            "train_dpo",
+            train_dpo,
+            model,
+            tokenizer,
+            pairs,
+            cfg.dpo,
+            _seeded(cfg.dpo_train, seed, seed_dir / "dpo", len(pairs)),
+            None,
+            trainer_run_config(model, cfg),
+        )
+        model = _merge_if_lora(model)
+    else:
+        log.warning(
+            "seed %d: no DPO pairs (no question had both a correct and a wrong sample); DPO = SFT", seed
+        )
+    samples["dpo"] = timed(
+        "eval_dpo", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
+    )
+
+    stage_metrics: dict[str, dict[str, float]] = {}
+    verifier_eval: dict[str, dict[str, float]] = {}
+    for stage in ("base", "sft", "dpo"):
+        scores = None
+        if verifier is not None:
+            scores = verifier_scores_for(verifier, tokenizer, eval_prompts, samples[stage], cfg.verifier)
+            if stage != "base":
+                verifier_eval[stage] = verifier_quality(samples[stage], scores, cfg.verifier.threshold)
+        stage_metrics[stage] = score_metrics(task, eval_examples, samples[stage], scores)
+    dpo = stage_metrics["dpo"]
+    stage_metrics["dpo+verifier"] = dict(dpo) | (
+        {"accuracy": dpo["verifier_at_n"]} if verifier is not None else {}
+    )
+    _write_samples(seed_dir / "eval_samples.jsonl", eval_prompts, samples)
+    return {
+        "seed": seed,
+        "stages": stage_metrics,
+        "verifier_eval": verifier_eval,
+        "pairs": pair_stats.as_dict(),
+        "dpo_train": {k: v for k, v in dpo_summary.items() if isinstance(v, float)},
+        "verifier_train": {k: v for k, v in verifier_summary.items() if isinstance(v, float)},
+        "timings_s": timings,
+        "duration_s": round(time.time() - t_seed, 1),
+        "device": "cpu" if cfg.sft_train.device == "cpu" else cfg.sft_train.device,
+    }
+
+
+def _write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_samples(path: Path, prompts: Sequence[str], samples: dict[str, StageSamples]) -> None:
+    rows = []
+    for stage, s in samples.items():
+        for q, prompt in enumerate(prompts):
+            rows.append(
+                {
+                    "stage": stage,
+                    "question": q,
+                    "prompt": prompt,
+                    "greedy": s.greedy[q].text,
+                    "greedy_correct": s.greedy[q].correct,
+                    "samples_correct": [x.correct for x in s.sampled[q]],
+                    "samples_answer": [x.answer for x in s.sampled[q]],
+                }
+            )
+    _write_jsonl(rows, path)
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """stage -> metric -> [mean, std] over seeds (metrics present for every seed only)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for stage in STAGES:
+        rows = [r["stages"][stage] for r in per_seed if stage in r["stages"]]
+        if not rows:
+            continue
+        keys = [k for k in rows[0] if all(k in r for r in rows)]
+        out[stage] = {k: list(metrics.mean_std([r[k] for r in rows])) for k in keys}
+    return out
+
+
+def stage_gains(
+    summary: dict[str, dict[str, list[float]]], per_seed: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """What each stage adds to the headline number (paired per seed, then mean ± std)."""
+    headline = {"base": "accuracy", "sft": "accuracy", "dpo": "accuracy", "dpo+verifier": "verifier_at_n"}
+    rows, previous = [], None
+    for stage in STAGES:
+        key = headline[stage]
+        if stage not in summary or key not in summary[stage]:
+            continue
+        values = [r["stages"][stage][key] for r in per_seed]
+        row = {"stage": stage, "metric": key, "value": metrics.mean_std(values)}
+        if previous is not None:
+            deltas = [v - p for v, p in zip(values, previous)]
+            row["gain"] = metrics.mean_std(deltas)
+        rows.append(row)
+        previous = values
+    return rows
+
+
+def _pm(pair: Sequence[float]) -> str:
+    return f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
+
+
+def markdown_summary(cfg: PipelineConfig, summary, gains, per_seed, protocol: dict[str, Any]) -> str:
+    n = cfg.eval.num_samples
+    cols = [
+        ("accuracy", "greedy acc"),
+        ("maj_at_n", f"maj@{n}"),
+        ("verifier_at_n", f"verifier@{n}"),
+        ("weighted_at_n", f"verifier-weighted@{n}"),
+        ("pass_at_n", f"pass@{n} (oracle)"),
+        ("pass_at_1_sampled", "sampled pass@1"),
+    ]
+    lines = [
+        f"# {cfg.name}",
+        "",
+        f"Model: `{cfg.model}`; task: `{cfg.data.task}` {cfg.data.task_args or ''}; eval: first "
+        f"{protocol['n_eval_questions']} questions of split `{cfg.eval.split}`, N = {n} samples at T = "
+        f"{cfg.eval.temperature}; seeds {cfg.seeds}. Numbers are % (mean ± std over seeds).",
+        "",
+        "| stage | " + " | ".join(title for _, title in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for stage, vals in summary.items():
+        cells = [_pm(vals[k]) if k in vals else "–" for k, _ in cols]
+        if stage == "dpo+verifier":  # best-of-N over the DPO row's samples: only the reranked number is new
+            cells = ["–", "–", cells[2], "–", "–", "–"]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Stage gains (headline metric, paired per seed)",
+        "",
+        "| stage | metric | value | gain |",
+        "|---|---|---|---|",
+    ]
+    for row in gains:
+        gain = _pm(row["gain"]) if "gain" in row else "–"
+        lines.append(f"| {row['stage']} | {row['metric']} | {_pm(row['value'])} | {gain} |")
+    lines += [
+        "",
+        "## Per seed",
+        "",
+        "| seed | pairs | questions with a pair | SFT sample acc | verifier AUC (SFT / DPO "
+        "samples) | FAR / FRR (SFT samples) | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in per_seed:
+        ve = r["verifier_eval"]
+        auc = " / ".join(f"{ve[s]['auc']:.3f}" if s in ve else "–" for s in ("sft", "dpo"))
+        farfrr = f"{ve['sft']['far']:.3f} / {ve['sft']['frr']:.3f}" if "sft" in ve else "–"
+        p = r["pairs"]
+        lines.append(
+            f"| {r['seed']} | {int(p['n_pairs'])} | {int(p['n_with_pair'])}/{int(p['n_questions'])} | "
+            f"{100 * p['sample_accuracy']:.1f}% | {auc} | {farfrr} | {r['duration_s']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every seed, write ``<results_dir>/<name>.{json,md}``; return the summary."""
+    from modern_llm.utils.records import now_iso, write_record
+
+    started, t0 = now_iso(), time.time()
+    per_seed = [run_seed(cfg, seed) for seed in cfg.seeds]
+    summary = aggregate(per_seed)
+    gains = stage_gains(summary, per_seed)
+    protocol = {
+        "n_eval_questions": cfg.eval.n_questions,
+        "eval_split": cfg.eval.split,
+        "N": cfg.eval.num_samples,
+        "temperature": cfg.eval.temperature,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "greedy": "accuracy column = greedy decoding",
+        "seeds": list(cfg.seeds),
+        "train_split": cfg.data.split,
+        "train_offset": cfg.offset,
+        "chat": cfg.data.chat,
+        "config": config_to_dict(cfg),
+    }
+    results = Path(cfg.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{cfg.name}.md").write_text(markdown_summary(cfg, summary, gains, per_seed, protocol))
+    write_record(
+        results / f"{cfg.name}.json",
+        name=cfg.name,
+        task=f"alignment/{cfg.data.task}",
+        model=cfg.model,
+        metrics={"summary": summary, "stage_gains": gains, "per_seed": per_seed},
+        protocol=protocol,
+        seed=None,
+        device=per_seed[0]["device"],
+        dtype=cfg.sft_train.dtype,
+        started=started,
+        duration_s=time.time() - t0,
+    )
+    return {"summary": summary, "stage_gains": gains, "per_seed": per_seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config_cli(
+        PipelineConfig,
+        sys.argv[1:] if argv is None else argv,
+        prog="modern-llm align",
+        description="base -> SFT -> DPO -> DPO+verifier reranking on a math task, each stage evaluated the same "
+        "way (greedy accuracy, maj@N, verifier@N, pass@N) over several seeds; writes a Markdown + JSON summary "
+        "into experiments/alignment/.",
+    )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = run_pipeline(cfg)
+    for row in out["stage_gains"]:
+        gain = f" (gain {100 * row['gain'][0]:+.1f})" if "gain" in row else ""
+        print(f"{row['stage']:>13}: {row['metric']} {100 * row['value'][0]:.1f}%{gain}")
+    print(f"summary: {Path(cfg.results_dir) / (cfg.name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The alignment pipeline end to end on a tiny scratch model, plus its metric/summary helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from modern_llm.alignment.alignment_pipeline import (
+    PipelineConfig,
+    StageSamples,
+    aggregate,
+    main,
+    run_pipeline,
+    score_metrics,
+    stage_gains,
+)
+from modern_llm.config.model_config import ModernLLMConfig
+from modern_llm.data.preference_datasets import Sample
+from modern_llm.data.task_datasets import get_task
+
+
+def _tiny_config(tmp_path) -> PipelineConfig:
+    cfg = PipelineConfig(
+        name="tiny",
+        seeds=[0],
+        out_dir=str(tmp_path / "runs"),
+        results_dir=str(tmp_path / "results"),
+        instruction="Solve.",
+    )
+    # 1-step additions 2 + {1, 2}: the answer is 3 or 4, so even a barely trained model is right about half of
+    # the time -- every stage (pairs, verifier, DPO) gets data of both kinds.
+    cfg.data.task_args = {
+        "n_train": 64,
+        "n_eval": 6,
+        "n_steps": 1,
+        "max_operand": 2,
+        "keep_calculator_annotations": False,
+    }
+    cfg.data.max_length = 96
+    cfg.scratch.model = ModernLLMConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=128)
+    cfg.scratch.vocab_size = 320
+    cfg.eval = dataclasses.replace(cfg.eval, n_questions=6, num_samples=3, max_new_tokens=24, temperature=1.0)
+    cfg.pairs = dataclasses.replace(cfg.pairs, n_questions=16, num_samples=4)
+    short = {"batch_size": 8, "warmup_steps": 2, "log_every": 5}
+    cfg.sft_train = dataclasses.replace(cfg.sft_train, max_steps=40, lr=5e-3, **short)
+    cfg.dpo_train = dataclasses.replace(cfg.dpo_train, max_steps=3, **short)
+    cfg.verifier_train = dataclasses.replace(cfg.verifier_train, max_steps=3, **short)
+    return cfg
+
+
+def test_pipeline_end_to_end_on_a_tiny_model(tmp_path):
+    cfg = _tiny_config(tmp_path)
+    out = run_pipeline(cfg)
+    (seed,) = out["per_seed"]
+    assert set(seed["stages"]) == {"base", "sft", "dpo", "dpo+verifier"}
+    for stage, values in seed["stages"].items():
+        for key in ("accuracy", "maj_at_n", "pass_at_n", "verifier_at_n"):
+            assert 0.0 <= values[key] <= 1.0, (stage, key)
+        assert values["pass_at_n"] >= values["pass_at_1_sampled"]  # the oracle bounds the average sample
+    assert seed["pairs"]["n_pairs"] > 0  # DPO really ran
+    assert "train/rewards/accuracy" in seed["dpo_train"] and "train/loss" in seed["verifier_train"]
+    assert seed["stages"]["dpo+verifier"]["accuracy"] == seed["stages"]["dpo"]["verifier_at_n"]
+
+    record = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert record["protocol"]["N"] == 3 and record["protocol"]["seeds"] == [0]
+    assert set(record["metrics"]["summary"]) == {"base", "sft", "dpo", "dpo+verifier"}
+    table = (tmp_path / "results" / "tiny.md").read_text()
+    assert "maj@3" in table and "verifier@3" in table and "Stage gains" in table
+    pairs = (tmp_path / "runs" / "seed0" / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == seed["pairs"]["n_pairs"]
+
+
+def _samples(correct_rows, answers_rows, greedy):
+    sampled = [
+        [Sample(str(a), a, c, "eos") for a, c in zip(answers, corrects)]
+        for answers, corrects in zip(answers_rows, correct_rows)
+    ]
+    return StageSamples([Sample("", None, g, "eos") for g in greedy], sampled)
+
+
+def test_score_metrics_by_hand():
+    task = get_task("arithmetic", n_train=0, n_eval=2)
+    examples = task.load("test", limit=2)
+    gold = [examples[0].answer, examples[1].answer]
+    wrong = "999999"
+    # q0: two of three samples right -> maj right; q1: one right, two agree on a wrong answer -> maj wrong
+    samples = _samples(
+        [[True, True, False], [True, False, False]],
+        [[gold[0], gold[0], wrong], [gold[1], wrong, wrong]],
+        greedy=[True, False],
+    )
+    scores = [
+        [0.1, 0.2, 0.9],
+        [0.8, 0.1, 0.1],
+    ]  # the verifier picks the wrong one for q0, the right one for q1
+    m = score_metrics(task, examples, samples, scores)
+    assert m["accuracy"] == 0.5
+    assert m["maj_at_n"] == 0.5
+    assert m["pass_at_n"] == 1.0
+    assert m["pass_at_1_sampled"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert m["verifier_at_n"] == 0.5
+    # weighted vote: q0 gold 0.3 vs wrong 0.9 -> wrong; q1 gold 0.8 vs wrong 0.2 -> right
+    assert m["weighted_at_n"] == 0.5
+
+
+def test_aggregate_and_gains_are_paired_per_seed():
+    def seed(base, sft, dpo, ver):
+        metrics = {"accuracy": 0.0, "verifier_at_n": 0.0}
+        return {
+            "stages": {
+                "base": metrics | {"accuracy": base},
+                "sft": metrics | {"accuracy": sft},
+                "dpo": metrics | {"accuracy": dpo, "verifier_at_n": ver},
+                "dpo+verifier": metrics | {"accuracy": ver, "verifier_at_n": ver},
+            }
+        }
+
+    per_seed = [seed(0.0, 0.2, 0.3, 0.5), seed(0.0, 0.4, 0.4, 0.6)]
+    summary = aggregate(per_seed)
+    assert summary["sft"]["accuracy"][0] == pytest.approx(0.3)
+    gains = {row["stage"]: row for row in stage_gains(summary, per_seed)}
+    assert gains["dpo"]["gain"][0] == pytest.approx(0.05)
+    assert gains["dpo+verifier"]["gain"][0] == pytest.approx(0.2)  # verifier@N minus DPO greedy
+    assert "gain" not in gains["base"]
+
+
+def test_overlapping_train_and_eval_split_is_rejected(tmp_path):
+    cfg = _tiny_config(tmp_path)
+    cfg.data.split = "test"
+    with pytest.raises(ValueError, match="offset"):
+        run_pipeline(cfg)
+
+
+def test_cli_help():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0

@@ -1,0 +1,158 @@
+"""Preference pairs: JSONL formats (HH-RLHF, UltraFeedback, explicit), error messages, on-policy pair building."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from modern_llm.data.preference_datasets import (
+    PreferencePair,
+    Sample,
+    build_math_pairs,
+    load_preference_jsonl,
+    render_prompt,
+    save_preference_jsonl,
+    split_hh_pair,
+)
+
+
+def _write(path, rows, gz=False):
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+HH_CHOSEN = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: Why did the chicken cross?"
+HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: No."
+
+
+def test_hh_rlhf_transcripts_split_at_the_last_shared_assistant_turn(tmp_path):
+    path = _write(tmp_path / "hh.jsonl.gz", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}], gz=True)
+    (pair,) = load_preference_jsonl(path)
+    assert pair.prompt == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a joke"},
+    ]
+    assert pair.chosen == "Why did the chicken cross?"
+    assert pair.rejected == "No."
+    # the plain rendering reproduces the original transcript exactly
+    assert render_prompt(pair.prompt, None, chat=False) + " " + pair.chosen == HH_CHOSEN
+
+
+def test_hh_pair_whose_completions_share_a_prefix():
+    # both answers start with "Sure" -> the prompt must still end at the Assistant marker
+    prompt, c, r = split_hh_pair(
+        "\n\nHuman: q\n\nAssistant: Sure, yes", "\n\nHuman: q\n\nAssistant: Sure, no", "x:1"
+    )
+    assert prompt == [{"role": "user", "content": "q"}]
+    assert (c, r) == ("Sure, yes", "Sure, no")
+
+
+def test_ultrafeedback_format(tmp_path):
+    row = {
+        "prompt": "What is 2+2?",
+        "chosen": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "5"}],
+        "score_chosen": 9.0,
+    }
+    (pair,) = load_preference_jsonl(_write(tmp_path / "uf.jsonl", [row]))
+    assert pair.prompt == [{"role": "user", "content": "What is 2+2?"}]
+    assert (pair.chosen, pair.rejected) == ("4", "5")
+
+
+def test_explicit_and_conversational_forms_and_roundtrip(tmp_path):
+    rows = [
+        {"prompt": "Q: 1+1\nA:", "chosen": " 2", "rejected": " 3"},
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "assistant", "content": "go away"}],
+        },
+    ]
+    pairs = load_preference_jsonl(_write(tmp_path / "x.jsonl", rows))
+    assert pairs[0] == PreferencePair("Q: 1+1\nA:", " 2", " 3")
+    assert pairs[1].prompt == [{"role": "user", "content": "hi"}] and pairs[1].chosen == "hello"
+    again = load_preference_jsonl(save_preference_jsonl(pairs, tmp_path / "out.jsonl"))
+    assert again == pairs
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"chosen": "a"}', "missing field"),
+        ('{"chosen": "no markers", "rejected": "at all"}', "Assistant"),
+        (
+            '{"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user"}]}',
+            "role",
+        ),
+        (
+            '{"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]}',
+            "assistant",
+        ),
+        ("[1, 2]", "JSON object"),
+    ],
+)
+def test_malformed_rows_name_file_and_line(tmp_path, line, message):
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    path = _write(tmp_path / "bad.jsonl", [good, "", line])
+    with pytest.raises(ValueError, match=message) as err:
+        load_preference_jsonl(path)
+    assert f"{path}:3" in str(err.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_preference_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="no preference pairs"):
+        load_preference_jsonl(_write(tmp_path / "empty.jsonl", [""]))
+
+
+def test_real_hh_rlhf_harmless_base_test_file(shared_data):
+    path = shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    pairs = load_preference_jsonl(path)
+    assert len(pairs) == 2312  # SOURCE.md
+    assert all(isinstance(p.prompt, list) and p.prompt[-1]["role"] == "user" for p in pairs)
+    assert pairs[0].prompt[0]["content"] == "what are some pranks with a pen i can do?"
+    assert sum(p.chosen != p.rejected for p in pairs) > 2300
+
+
+def test_chat_rendering_uses_the_template():
+    from modern_llm.data.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["hello world"] * 20, 300)
+    text = render_prompt([{"role": "user", "content": "hi"}], tok, chat=True)
+    assert text == "<|endoftext|><|user|>\nhi<|end|>\n<|assistant|>\n"
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        render_prompt([{"role": "user", "content": "hi"}], tok, chat=True)
+
+
+def _s(text, correct, finish="eos"):
+    return Sample(text, None, correct, finish)
+
+
+def test_build_math_pairs_chosen_correct_rejected_incorrect():
+    samples = [
+        [_s("a1", True), _s("a2", False), _s("a3", False), _s("a1", True)],  # mixed
+        [_s("b1", True), _s("b2", True)],  # all correct -> no pair
+        [_s("c1", False), _s("c2", False)],  # all wrong -> no pair
+        [_s("d1", True, "length"), _s("d2", False)],  # the only correct one was truncated -> no pair
+    ]
+    pairs, stats = build_math_pairs(["p0", "p1", "p2", "p3"], samples, max_pairs_per_question=3, seed=0)
+    assert {p.prompt for p in pairs} == {"p0"}
+    assert all(p.chosen == "a1" and p.rejected in {"a2", "a3"} for p in pairs)
+    assert len(pairs) == 2  # two distinct rejected texts, duplicates of "a1" collapse
+    assert stats.n_with_pair == 1 and stats.n_all_correct == 1 and stats.n_all_wrong == 1
+    assert stats.sample_accuracy == pytest.approx(5 / 10)
+    again, _ = build_math_pairs(["p0", "p1", "p2", "p3"], samples, max_pairs_per_question=3, seed=0)
+    assert again == pairs  # deterministic
+    with pytest.raises(ValueError, match="max_pairs_per_question"):
+        build_math_pairs(["p"], [[]], max_pairs_per_question=0)
