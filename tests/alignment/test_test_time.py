@@ -282,12 +282,12 @@ def test_revise_triggers_only_below_threshold_and_counts_fixes_and_breaks(model,
 
 
 def test_revision_prompt_plain_and_chat(tok, task):
-    ex = task.load("test", limit=1)[0]
+    ex, shot = task.load("test", limit=2)
     prompt = task.render_prompt(ex)
     plain = tt.revision_prompt(task, ex, prompt, " 1 + 1 = 3\n#### 3", "Fix it.", chat=False)
     assert plain == f"{prompt} 1 + 1 = 3\n#### 3\n\nFix it.\nAnswer:"
-    chat = tt.revision_prompt(task, ex, prompt, "#### 3", "Fix it.", chat=True, tokenizer=tok)
-    assert chat.index(ex.text) < chat.index("#### 3") < chat.index("Fix it.")
+    chat = tt.revision_prompt(task, ex, prompt, "#### 3", "Fix it.", chat=True, tokenizer=tok, shots=[shot])
+    assert chat.index(shot.text) < chat.index(ex.text) < chat.index("#### 3") < chat.index("Fix it.")
 
 
 # ----------------------------------------------------------------------------------------------- end to end

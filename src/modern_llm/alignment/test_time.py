@@ -477,15 +477,23 @@ class ReviseConfig:
 
 
 def revision_prompt(
-    task: Any, example: Any, prompt: str, previous: str, instruction: str, chat: bool, tokenizer: Any = None
+    task: Any,
+    example: Any,
+    prompt: str,
+    previous: str,
+    instruction: str,
+    chat: bool,
+    tokenizer: Any = None,
+    shots: Sequence[Any] = (),
 ) -> str:
     """The prompt that shows the previous attempt and asks for a corrected one.
 
-    Chat: the task's messages + the attempt as the assistant turn + the instruction as a new user turn.
-    Plain: the original prompt, the attempt, the instruction and the task's answer cue.
+    Chat: the task's messages (with the same ``shots`` as the original prompt) + the attempt as the assistant
+    turn + the instruction as a new user turn. Plain: the original prompt (which already holds the shots), the
+    attempt, the instruction and the task's answer cue.
     """
     if chat:
-        messages = task.chat_messages(example) + [
+        messages = task.chat_messages(example, shots) + [
             {"role": "assistant", "content": previous.strip()},
             {"role": "user", "content": instruction},
         ]
@@ -507,6 +515,7 @@ def revise_and_retry(
     stop_ids: Sequence[int] | None = None,
     tools: Callable[[str], str | None] | None = None,
     batch_prompts: int = 8,
+    shots: Sequence[Any] = (),
     max_examples: int = 3,
 ) -> dict[str, Any]:
     """Revise ``initial[q]`` (the attempt chosen for ``runs[q]``) while its score is below the threshold.
@@ -535,7 +544,14 @@ def revise_and_retry(
         were_correct = sum(current[q].correct for q in triggered)
         prompts = [
             revision_prompt(
-                task, runs[q].example, runs[q].prompt, current[q].text, cfg.instruction, chat, tokenizer
+                task,
+                runs[q].example,
+                runs[q].prompt,
+                current[q].text,
+                cfg.instruction,
+                chat,
+                tokenizer,
+                shots,
             )
             for q in triggered
         ]
@@ -879,7 +895,7 @@ def _write_samples(path: Path, runs: Sequence[QuestionRun]) -> None:
             fh.write(json.dumps(run.to_json(), ensure_ascii=False) + "\n")
 
 
-def _revise_all(cfg, model, tokenizer, task, runs, score_fn, stop_ids, tools) -> dict[str, Any]:
+def _revise_all(cfg, model, tokenizer, task, runs, score_fn, stop_ids, tools, shots) -> dict[str, Any]:
     out = {}
     for target in cfg.revise_targets:
         initial = (
@@ -899,6 +915,7 @@ def _revise_all(cfg, model, tokenizer, task, runs, score_fn, stop_ids, tools) ->
             stop_ids=stop_ids,
             tools=tools,
             batch_prompts=cfg.batch_prompts,
+            shots=shots,
         )
         out[target] = {
             "summary": res["summary"],
@@ -970,7 +987,7 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
         revise_score = score_fn if score_fn is not None else agreement_scorer(runs, task)
         tools = calculator_completion if primary == "tool_on" else None
         revise = {"condition": primary, "scorer": cfg.score} | _revise_all(
-            cfg, model, tokenizer, task, runs, revise_score, stop_ids, tools
+            cfg, model, tokenizer, task, runs, revise_score, stop_ids, tools, shots
         )
     figure = plot_curves(
         {c: r["accuracy_vs_n"] for c, r in results.items()},
