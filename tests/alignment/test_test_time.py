@@ -13,6 +13,7 @@ from modern_llm.config import ModernLLMConfig
 from modern_llm.data.synthetic import generate_dataset
 from modern_llm.data.task_datasets import TaskExample, get_task
 from modern_llm.data.tokenizer import train_bpe_tokenizer
+from modern_llm.evaluation import report_tables as rt
 from modern_llm.inference.sampling import SamplingParams
 from modern_llm.inference.tools import calculator_completion
 from modern_llm.models import ModernDecoderLM
@@ -311,14 +312,29 @@ def test_run_experiment_end_to_end_writes_record_and_plot(model, tok, tmp_path):
         "--results_dir", str(tmp_path / "exp"), "--samples_dir", str(tmp_path / "samples"),
     ]  # fmt: skip
     assert tt.main(argv) == 0
-    record = json.loads((tmp_path / "exp" / "tiny.json").read_text())
-    assert (tmp_path / "exp" / "tiny.png").stat().st_size > 0
-    conds = record["metrics"]["conditions"]
-    assert set(conds) == {"tool_off", "tool_on"}
-    curves = conds["tool_off"]["accuracy_vs_n"]["curves"]
-    assert set(curves) == {"majority", "verifier_best_of_n", "verifier_weighted_vote", "oracle_pass_at_n"}
-    assert record["metrics"]["revise"]["greedy"]["summary"]["trigger_rate"] == 1.0  # zero-init head: P = 0.5
-    assert {"command", "git_commit", "protocol", "duration_s"} <= set(record)
+    exp = tmp_path / "exp"
+    assert (exp / "tiny-accuracy-vs-n.png").stat().st_size > 0
+    grid = json.loads((exp / "tiny.json").read_text())
+    assert set(grid["metrics"]["accuracy"]) == {"tool_off", "tool_on"}
+    off = grid["metrics"]["accuracy"]["tool_off"]
+    assert set(off) == {
+        "greedy",
+        "majority",
+        "verifier_best_of_n",
+        "verifier_weighted_vote",
+        "oracle_pass_at_n",
+    }
+    assert list(off["majority"]) == ["N=1", "N=2", "N=4"]
+    assert {"command", "git_commit", "protocol", "duration_s"} <= set(grid)
+    revise = json.loads((exp / "tiny-revise.json").read_text())["metrics"]
+    assert revise["revise"]["greedy"]["trigger_rate"] == 1.0  # zero-initialised head: every P(correct) = 0.5
+    assert set(revise["revise"]) == {"greedy", "best_of_n"} and len(revise["rounds"]["greedy"]) == 1
+    # Every record is table-shaped for the report: one table, no long form.
+    records, skipped = rt.load_records(exp)
+    assert not skipped and len(records) == 4
+    for rec in records:
+        tables = rt.tables_for_records([rec], "tt")
+        assert tables and not any(t.long for t in tables), rec.path
     lines = (tmp_path / "samples" / "tiny" / "tool_on.jsonl").read_text().splitlines()
     assert len(lines) == 2 and len(json.loads(lines[0])["samples"]) == 4
 

@@ -146,7 +146,8 @@ def parse_final_answer(text: str | None) -> str | None:
 
 
 def format_report(attempts: Sequence[Attempt]) -> dict[str, float]:
-    """Format-violation rate, strict accuracy (violations count as wrong) and strict/lenient agreement."""
+    """Format-violation rate, strict accuracy (violations count as wrong), strict/lenient agreement and the
+    share of attempts cut by ``max_new_tokens`` (a common cause of a missing final answer)."""
     if not attempts:
         raise ValueError("format_report: no attempts")
     strict = [a.structured_answer for a in attempts]
@@ -160,6 +161,7 @@ def format_report(attempts: Sequence[Attempt]) -> dict[str, float]:
             if formatted
             else math.nan
         ),
+        "length_cut_rate": sum(a.finish_reason == "length" for a in attempts) / len(attempts),
         "n": float(len(attempts)),
     }
 
@@ -613,7 +615,7 @@ def revise_and_retry(
     examples = [
         {
             "kind": kind,
-            "prompt": runs[q].prompt,
+            "question": runs[q].example.text,
             "gold": runs[q].example.answer,
             "before": start[q].text,
             "before_score": start[q].score,
@@ -884,7 +886,6 @@ def _condition_summary(runs: Sequence[QuestionRun], cfg: TestTimeConfig) -> dict
         "accuracy_vs_n": accuracy_vs_n(runs, cfg.ns, cfg.n_draws, cfg.seed),
         "format": {"greedy": format_report(greedy), "samples": format_report(sampled)},
         "calculator": {"greedy": calculation_report(greedy), "samples": calculation_report(sampled)},
-        "finish_length_rate_samples": sum(a.finish_reason == "length" for a in sampled) / len(sampled),
     }
 
 
@@ -932,7 +933,7 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
 
     from modern_llm.inference.tools import calculator_completion
     from modern_llm.training.train_sft import generation_model, load_policy, load_task, stop_token_ids
-    from modern_llm.utils.records import now_iso, write_record
+    from modern_llm.utils.records import now_iso
 
     torch.set_num_threads(cfg.threads)
     started, t0 = now_iso(), time.time()
@@ -991,7 +992,7 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
         )
     figure = plot_curves(
         {c: r["accuracy_vs_n"] for c, r in results.items()},
-        Path(cfg.results_dir) / f"{cfg.name}.png",
+        Path(cfg.results_dir) / f"{cfg.name}-accuracy-vs-n.png",
         f"{cfg.name}: {cfg.data.task} ({len(examples)} questions), {policy}, T={cfg.sampling.temperature}",
     )
     protocol = {
@@ -1014,25 +1015,94 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
         "compute_axis": "generated tokens per question (sampled + tool-inserted); prompt prefilled once",
         "score": cfg.score,
         "verifier": verifier_path if cfg.score == "verifier" else None,
+        "revise": {
+            "threshold": cfg.revise.threshold,
+            "max_rounds": cfg.revise.rounds,
+            "candidates_per_trigger": cfg.revise.num_samples,
+            "temperature": cfg.revise.temperature,
+            "targets": list(cfg.revise_targets),
+            "acceptance": "revision replaces the attempt only if its "
+            "score is higher; scored against the original prompt",
+        },
         "policy": policy,
         "threads": cfg.threads,
         "figure": str(figure),
         "config": config_to_dict(cfg),
     }
-    record_path = write_record(
-        Path(cfg.results_dir) / f"{cfg.name}.json",
-        name=cfg.name,
-        task=f"test_time/{cfg.data.task}",
-        model=policy,
-        metrics={"conditions": results, "revise": revise, "prepare": prepared},
-        protocol=protocol,
-        seed=cfg.seed,
-        device="cpu",
-        dtype="fp32",
-        started=started,
-        duration_s=time.time() - t0,
-    )
-    return {"conditions": results, "revise": revise, "prepare": prepared, "record": str(record_path)}
+    protocol["timings_s"] = {c: r.pop("sampling_s") for c, r in results.items()}
+    if prepared:
+        protocol["policy_training"] = prepared
+    paths = write_records(cfg, record_payloads(results, revise), protocol, started, time.time() - t0)
+    return {"conditions": results, "revise": revise, "prepare": prepared, "records": [str(p) for p in paths]}
+
+
+def record_payloads(results: dict[str, Any], revise: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Metrics of the run split into table-shaped records: suffix -> metrics.
+
+    ``""``: accuracy of every method and generated tokens per question, one column per N ("N=1", ...);
+    ``"-revise"``: the revise-and-retry summary per target (per-round logs and examples as lists);
+    ``"-format"``: format violations / strict accuracy per condition; ``"-tool"``: calculator usage.
+    Each record's rows share one set of columns, so ``evaluation.report_tables`` renders it as one table.
+    """
+    accuracy: dict[str, Any] = {}
+    tokens: dict[str, Any] = {}
+    spread: dict[str, Any] = {}
+    for cond, r in results.items():
+        res = r["accuracy_vs_n"]
+        cols = [f"N={n}" for n in res["N"]]
+        accuracy[cond] = {"greedy": {"N=1": res["greedy"]["accuracy"]}}
+        spread[cond] = {}
+        for method, values in res["curves"].items():
+            accuracy[cond][method] = dict(zip(cols, values["accuracy"]))
+            if method != "oracle_pass_at_n":  # a list of dicts: kept in the JSON, never a table cell
+                spread[cond][method] = [{"N": n, "std": sd} for n, sd in zip(res["N"], values["draw_std"])]
+        tokens[cond] = {
+            "greedy": {"N=1": res["greedy"]["tokens_per_question"]},
+            "sampled": dict(zip(cols, res["tokens_per_question"])),
+        }
+    payloads = {
+        "": {"accuracy": accuracy, "tokens_per_question": tokens, "subset_std_over_draws": spread},
+        "-format": {"format": {c: r["format"] for c, r in results.items()}},
+        "-tool": {"calculator": {c: r["calculator"] for c, r in results.items()}},
+    }
+    targets = {k: v for k, v in revise.items() if isinstance(v, dict)}
+    if targets:
+        payloads["-revise"] = {
+            "revise": {t: v["summary"] for t, v in targets.items()},
+            "rounds": {t: v["rounds"] for t, v in targets.items()},
+            "examples": {t: v["examples"] for t, v in targets.items()},
+        }
+    for target in targets.values():  # threshold / rounds are settings: they live in the protocol
+        for key in ("threshold", "max_rounds"):
+            target["summary"].pop(key, None)
+    return payloads
+
+
+def write_records(
+    cfg: TestTimeConfig,
+    payloads: dict[str, dict[str, Any]],
+    protocol: dict[str, Any],
+    started: str,
+    duration: float,
+) -> list[Path]:
+    from modern_llm.utils.records import write_record
+
+    return [
+        write_record(
+            Path(cfg.results_dir) / f"{cfg.name}{suffix}.json",
+            name=f"{cfg.name}{suffix}",
+            task=f"test_time/{cfg.data.task}",
+            model=protocol["policy"],
+            metrics=metrics,
+            protocol=protocol,
+            seed=cfg.seed,
+            device="cpu",
+            dtype="fp32",
+            started=started,
+            duration_s=duration,
+        )
+        for suffix, metrics in payloads.items()
+    ]
 
 
 def _headline(cond: dict[str, Any]) -> str:
@@ -1092,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = run_experiment(cfg)
     print(markdown_tables(out))
-    print(f"record: {out['record']}")
+    print("records: " + ", ".join(out["records"]))
     return 0
 
 
