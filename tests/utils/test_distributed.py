@@ -31,15 +31,19 @@ from modern_llm.utils import distributed as dist_utils
 from modern_llm.utils.logging import read_metrics
 
 SEQ, VOCAB, N_EXAMPLES = 16, 64, 32
-STEPS, SAVE_EVERY = 4, 2
+STEPS, SAVE_EVERY = 4, 2  # eval runs before each save: FSDP must reshard its root after an eval forward
+EVAL_N = 6
 REL_TOL = 1e-5
 
 
 class StridedTokens(torch.utils.data.Dataset):
     """Deterministic learnable sequences: next = (tok * 5 + 3) mod V from a per-index start."""
 
+    def __init__(self, n: int = N_EXAMPLES):
+        self.n = n
+
     def __len__(self) -> int:
-        return N_EXAMPLES
+        return self.n
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         tok, seq = (i * 7) % VOCAB, []
@@ -70,6 +74,7 @@ def train_cfg(out_dir: Path, **kw) -> TrainConfig:
         grad_accum_steps=4,
         max_steps=STEPS,
         save_every=SAVE_EVERY,
+        eval_every=SAVE_EVERY,
         keep_last_k=0,
         lr=1e-2,
         warmup_steps=1,
@@ -100,7 +105,7 @@ def worker(argv: list[str]) -> int:
     for parallel in ("ddp", "fsdp"):  # one launch for both keeps the test fast
         out = Path(args.out) / parallel
         cfg = train_cfg(out, parallel=parallel, grad_accum_steps=2)
-        trainer = Trainer(tiny_model(), StridedTokens(), lm_loss, cfg)
+        trainer = Trainer(tiny_model(), StridedTokens(), lm_loss, cfg, eval_dataset=StridedTokens(EVAL_N))
         trainer.fit()
         live = full_weights(trainer.model)
         if trainer.dist.is_main:
@@ -130,8 +135,13 @@ def run_torchrun(out: Path) -> None:
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
-def train_rows(out_dir: Path) -> list[dict[str, float]]:
-    return [r for r in read_metrics(out_dir) if "train/loss" in r]
+def train_rows(out_dir_or_rows) -> list[dict[str, float]]:
+    rows = out_dir_or_rows if isinstance(out_dir_or_rows, list) else read_metrics(out_dir_or_rows)
+    return [r for r in rows if "train/loss" in r]
+
+
+def eval_rows(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [r for r in rows if "eval/loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +157,8 @@ def single_process_reference(tmp_path_factory) -> list[dict[str, float]]:
     from modern_llm.training.trainer_base import Trainer
 
     out = tmp_path_factory.mktemp("single") / "run"
-    Trainer(tiny_model(), StridedTokens(), lm_loss, train_cfg(out)).fit()
-    return train_rows(out)
+    Trainer(tiny_model(), StridedTokens(), lm_loss, train_cfg(out), eval_dataset=StridedTokens(EVAL_N)).fit()
+    return read_metrics(out)
 
 
 def assert_same_trajectory(rows, ref, keys=("train/loss", "train/grad_norm")) -> None:
@@ -174,7 +184,12 @@ def test_two_ranks_match_one_process_and_checkpoints_resume_in_one_process(
     rows = train_rows(out)
     assert len(rows) == STEPS
     assert rows[-1]["train/loss"] < 0.9 * rows[0]["train/loss"]  # it actually trained
-    assert_same_trajectory(rows, single_process_reference)
+    reference = train_rows(single_process_reference)
+    assert_same_trajectory(rows, reference)
+    evals, ref_evals = eval_rows(read_metrics(out)), eval_rows(single_process_reference)
+    assert [r["step"] for r in evals] == [r["step"] for r in ref_evals] == [SAVE_EVERY, STEPS]
+    for r, q in zip(evals, ref_evals):
+        assert r["eval/loss"] == pytest.approx(q["eval/loss"], rel=REL_TOL)
 
     # 2) the final checkpoint (full tensors, single-process format) loads bit-exactly in one process
     live = torch.load(out / "live_weights.pt", weights_only=True)
@@ -194,7 +209,7 @@ def test_two_ranks_match_one_process_and_checkpoints_resume_in_one_process(
         warnings.simplefilter("always")
         Trainer(tiny_model(), StridedTokens(), lm_loss, cfg).fit()
     assert not [str(w.message) for w in caught if "data order" in str(w.message)]
-    assert_same_trajectory(train_rows(resumed), single_process_reference[SAVE_EVERY:])
+    assert_same_trajectory(train_rows(resumed), reference[SAVE_EVERY:])
 
 
 def test_rank_slices_partition_the_single_process_batches():

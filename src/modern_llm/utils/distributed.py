@@ -380,6 +380,20 @@ def _is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: nn.Module) -> None:
+    """Return every FSDP unit to its sharded state.
+
+    FSDP2 keeps the root unit's parameters unsharded after a forward pass (the backward would gather them
+    again at once); after an eval forward with no backward they stay unsharded, and the module then exposes
+    plain tensors instead of the DTensors the optimizer holds -- state-dict helpers must reshard first.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _full_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -424,6 +438,7 @@ def checkpoint_model(model: nn.Module, ctx: DistContext) -> nn.Module | None:
         return model if ctx.is_main else None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    reshard(model)
     tensors = get_model_state_dict(model, options=_full_options())  # full on rank 0, {} elsewhere
     if not ctx.is_main:
         return None
@@ -460,6 +475,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx
         return optimizer.state_dict() if ctx.is_main else None
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    reshard(model)
     by_name = get_optimizer_state_dict(model, optimizer, options=_full_options())
     if not ctx.is_main:
         return None
@@ -474,6 +490,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    reshard(model)
     names = _param_names_in_optimizer_order(model, optimizer)
     n_saved = sum(len(g["params"]) for g in state["param_groups"])
     if n_saved != len(names):
@@ -532,5 +549,6 @@ def load_full_model_state(model: nn.Module, file: str | Path, trainable_only: bo
             f"{file}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
             "was it saved from a different architecture/config?"
         )
+    reshard(model)
     options = StateDictOptions(full_state_dict=True, strict=not trainable_only)
     set_model_state_dict(model, tensors, options=options)
