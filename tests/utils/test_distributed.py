@@ -15,6 +15,7 @@ This file is also the torchrun worker (``python -m torch.distributed.run ... tes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,19 @@ def worker(argv: list[str]) -> int:
         live = full_weights(trainer.model)
         if trainer.dist.is_main:
             torch.save(live, out / "live_weights.pt")
+    ctx, cpu = trainer.dist, torch.device("cpu")
+    checks = {  # rank-dependent inputs: rank 0 / rank 1
+        "earliest": int(dist_utils.earliest_flagged_step(torch.tensor(-1 if ctx.rank == 0 else 3), ctx)),
+        "earliest_of_two": int(
+            dist_utils.earliest_flagged_step(torch.tensor(5 if ctx.rank == 0 else 3), ctx)
+        ),
+        "none_flagged": int(dist_utils.earliest_flagged_step(torch.tensor(-1), ctx)),
+        "sum": dist_utils.sum_across_ranks(ctx.rank + 1, cpu, ctx),
+        "mean": float(dist_utils.mean_across_ranks({"x": float(ctx.rank)}, cpu, ctx)["x"]),
+        "any": dist_utils.any_rank(ctx.rank == 1, cpu, ctx),
+    }
+    if ctx.is_main:
+        (Path(args.out) / "collectives.json").write_text(json.dumps(checks))
     dist_utils.cleanup()
     return 0
 
@@ -212,6 +226,18 @@ def test_two_ranks_match_one_process_and_checkpoints_resume_in_one_process(
     assert_same_trajectory(train_rows(resumed), reference[SAVE_EVERY:])
 
 
+def test_collectives_across_two_ranks(distributed_runs):
+    checks = json.loads((distributed_runs / "collectives.json").read_text())
+    assert checks == {
+        "earliest": 3,
+        "earliest_of_two": 3,
+        "none_flagged": -1,
+        "sum": 3,
+        "mean": 0.5,
+        "any": True,
+    }
+
+
 def test_rank_slices_partition_the_single_process_batches():
     from modern_llm.training.trainer_base import ResumableBatchSampler
 
@@ -265,6 +291,15 @@ def test_init_rules_without_and_with_torchrun_env(monkeypatch, caplog):
         dist_utils.init_distributed("none")
     with pytest.raises(ValueError, match="parallel must be"):
         dist_utils.init_distributed("zero3")
+
+
+def test_reductions_are_identity_in_one_process():
+    ctx, cpu = dist_utils.DistContext(), torch.device("cpu")
+    assert dist_utils.sum_across_ranks(7, cpu, ctx) == 7
+    assert dist_utils.mean_across_ranks({"loss": 2.5}, cpu, ctx) == {"loss": 2.5}
+    assert int(dist_utils.earliest_flagged_step(torch.tensor(-1), ctx)) == -1
+    assert dist_utils.gather_objects({"a": 1}, ctx) == [{"a": 1}]
+    assert dist_utils.any_rank(True, cpu, ctx) is True
 
 
 def test_train_config_parallel_validation():

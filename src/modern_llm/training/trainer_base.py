@@ -643,7 +643,7 @@ class Trainer:
     def _raise_if_nonfinite(self) -> None:
         if self._bad_step is None:
             return
-        bad = int(dist_utils.max_across_ranks(self._bad_step, self.dist))  # distributed: all ranks stop
+        bad = int(dist_utils.earliest_flagged_step(self._bad_step, self.dist))  # distributed: all ranks stop
         if bad >= 0:
             raise NonFiniteLossError(bad, self.last_checkpoint)
 

@@ -341,6 +341,16 @@ def max_across_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
+def earliest_flagged_step(step: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The smallest non-negative value over ranks, or -1 when every rank holds -1 ("no bad step")."""
+    if not ctx.enabled or ctx.world_size == 1:
+        return step
+    never = torch.iinfo(torch.int64).max
+    t = torch.where(step < 0, torch.full_like(step, never), step).to(torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return torch.where(t == never, torch.full_like(t, -1), t)
+
+
 def any_rank(flag: bool, device: torch.device, ctx: DistContext) -> bool:
     """True on every rank when ``flag`` is True on at least one (keeps control flow in lockstep)."""
     if not ctx.enabled or ctx.world_size == 1:
