@@ -300,6 +300,7 @@ def test_reductions_are_identity_in_one_process():
     assert int(dist_utils.earliest_flagged_step(torch.tensor(-1), ctx)) == -1
     assert dist_utils.gather_objects({"a": 1}, ctx) == [{"a": 1}]
     assert dist_utils.any_rank(True, cpu, ctx) is True
+    assert (dist_utils.get_rank(), dist_utils.get_world_size(), dist_utils.is_main_process()) == (0, 1, True)
 
 
 def test_train_config_parallel_validation():

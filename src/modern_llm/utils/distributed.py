@@ -229,12 +229,6 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     return model
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module behind torch.compile and DDP wrappers (FSDP2 shards in place: nothing to strip)."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
-
-
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Skip the gradient all-reduce/reduce-scatter on accumulation micro-batches that are not the last.
