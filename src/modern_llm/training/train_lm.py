@@ -100,6 +100,18 @@ def build_tokenizer(cfg: LMRunConfig):
     )
 
 
+def rank0_first(train: TrainConfig, build):
+    """Under torchrun, rank 0 trains the tokenizer / fills the token cache before the other ranks read it."""
+    from modern_llm.utils import distributed as dist_utils
+
+    if train.parallel == "none" or not dist_utils.launched_by_torchrun():
+        return build()
+    ctx = dist_utils.init_distributed(train.parallel, train.device)
+    result = build() if ctx.is_main else None
+    dist_utils.barrier(ctx)
+    return result if ctx.is_main else build()
+
+
 def padded_vocab(n: int, multiple: int = 64) -> int:
     return multiple * math.ceil(n / multiple)
 
@@ -130,16 +142,20 @@ def run(cfg: LMRunConfig) -> dict[str, Any]:
     from modern_llm.utils.records import now_iso, write_record
 
     started, t0 = now_iso(), time.time()
-    tokenizer = build_tokenizer(cfg)
-    data = prepare_lm_data(
-        cfg.data.corpus,
-        tokenizer,
-        block_size=cfg.model.max_seq_len,
-        data_dir=cfg.data.data_dir,
-        cache_dir=cfg.data.cache_dir,
-        val_fraction=cfg.data.val_fraction,
-        max_docs=cfg.data.max_docs,
-    )
+
+    def tokenizer_and_data():
+        tok = build_tokenizer(cfg)
+        return tok, prepare_lm_data(
+            cfg.data.corpus,
+            tok,
+            block_size=cfg.model.max_seq_len,
+            data_dir=cfg.data.data_dir,
+            cache_dir=cfg.data.cache_dir,
+            val_fraction=cfg.data.val_fraction,
+            max_docs=cfg.data.max_docs,
+        )
+
+    tokenizer, data = rank0_first(cfg.train, tokenizer_and_data)
     data.val.bytes_per_token = data.val_split.bytes_per_token
     cfg.model.vocab_size = padded_vocab(len(tokenizer))
     torch.manual_seed(cfg.train.seed)  # model init is part of the run's seed
@@ -156,8 +172,10 @@ def run(cfg: LMRunConfig) -> dict[str, Any]:
     summary = trainer.fit()
     final_eval = trainer.evaluate()
     summary |= final_eval
-    summary["sample"] = sample_text(trainer.model, tokenizer, cfg.sample)
     summary["params"] = model.num_params()
+    if not trainer.dist.is_main:  # under torchrun only rank 0 samples, plots and writes the record
+        return summary
+    summary["sample"] = sample_text(trainer.model, tokenizer, cfg.sample)
     curve = plot_run_curves(Path(cfg.train.out_dir), cfg.name)
     if cfg.record:
         metrics = {
@@ -216,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = run(cfg)
+    from modern_llm.utils.distributed import cleanup, is_main_process
+
+    cleanup()
+    if not is_main_process():
+        return 0
     print(
         f"val loss {summary.get('eval/loss', float('nan')):.4f} | ppl {summary.get('eval/ppl', float('nan')):.2f}"
         f" | bpb {summary.get('eval/bpb', float('nan')):.4f} | steps {summary['step']}"
