@@ -20,10 +20,12 @@ from modern_llm.evaluation.long_context import (
     main,
     method_cache,
     moving_average,
-    per_token_nll,
     run_experiment,
+    separator_ids,
+    split_documents,
+    stream_nll,
 )
-from modern_llm.inference.streaming import StreamingKVCache
+from modern_llm.inference.streaming import StreamingKVCache, streaming_perplexity
 from modern_llm.models import ModernDecoderLM
 from modern_llm.utils.records import RECORD_KEYS
 
@@ -53,27 +55,45 @@ def fresh_window_reference(model, ids, window):
 def test_every_method_gives_finite_nll_per_predicted_token(method, kw):
     model = make_model(**kw)
     ids = torch.randint(0, VOCAB, (50,))
-    nll = per_token_nll(model, ids, method, cache_budget=8, n_sink=2, recompute_batch=7)
+    nll = stream_nll(model, ids, method, cache_budget=8, n_sink=2, recompute_batch=7)
     assert nll.shape == (49,) and nll.dtype == torch.float32
     assert torch.isfinite(nll).all() and (nll > 0).all()
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_sinks": 1}])
+def test_batched_streams_equal_the_single_stream_reference_harness(kw):
+    # streaming_perplexity (inference.streaming) scores one stream at a time; we run all streams as one batch
+    model = make_model(**kw)
+    streams = torch.randint(0, VOCAB, (3, 40))
+    for method, kind, n_sink, window in (
+        ("window", "window", 0, 7),
+        ("sink", "sink", 2, 5),
+        ("dense", "dense", 0, 1),
+    ):
+        got = stream_nll(model, streams, method, cache_budget=8, n_sink=2)
+        assert got.shape == (3, 39)
+        for row, ids in zip(got, streams):
+            chunk = 40 if kind == "dense" else 1
+            ref = streaming_perplexity(model, ids, kind, n_sink=n_sink, window=window, chunk_size=chunk).nll
+            torch.testing.assert_close(row, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_sinks": 1}])
 def test_budget_covering_the_stream_makes_every_method_equal_dense(kw):
     model = make_model(**kw)
     ids = torch.randint(0, VOCAB, (30,))
-    dense = per_token_nll(model, ids, "dense", cache_budget=30)
+    dense = stream_nll(model, ids, "dense", cache_budget=30)
     full = F.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:], reduction="none")
     torch.testing.assert_close(dense, full.detach(), atol=1e-5, rtol=1e-5)
     for method in ("window", "sink", "window_recompute"):
-        got = per_token_nll(model, ids, method, cache_budget=30, n_sink=4)
+        got = stream_nll(model, ids, method, cache_budget=30, n_sink=4)
         torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
 
 
 def test_window_recompute_matches_one_fresh_forward_per_token():
     model = make_model()
     ids = torch.randint(0, VOCAB, (40,))
-    got = per_token_nll(model, ids, "window_recompute", cache_budget=9, recompute_batch=5)
+    got = stream_nll(model, ids, "window_recompute", cache_budget=9, recompute_batch=5)
     torch.testing.assert_close(got, fresh_window_reference(model, ids, 9), atol=1e-5, rtol=1e-5)
 
 
@@ -83,14 +103,14 @@ def test_window_cache_equals_recompute_only_for_a_one_layer_model():
     ids = torch.randint(0, VOCAB, (40,))
     one = make_model(n_layers=1)
     torch.testing.assert_close(
-        per_token_nll(one, ids, "window", cache_budget=8),
-        per_token_nll(one, ids, "window_recompute", cache_budget=8),
+        stream_nll(one, ids, "window", cache_budget=8),
+        stream_nll(one, ids, "window_recompute", cache_budget=8),
         atol=1e-5,
         rtol=1e-5,
     )
     two = make_model()
-    stale = per_token_nll(two, ids, "window", cache_budget=8)
-    fresh = per_token_nll(two, ids, "window_recompute", cache_budget=8)
+    stale = stream_nll(two, ids, "window", cache_budget=8)
+    fresh = stream_nll(two, ids, "window_recompute", cache_budget=8)
     torch.testing.assert_close(stale[:8], fresh[:8], atol=1e-5, rtol=1e-5)  # nothing evicted yet
     assert not torch.allclose(stale[10:], fresh[10:], atol=1e-3)
 
@@ -111,24 +131,37 @@ def test_sink_method_keeps_exactly_the_first_n_sink_tokens_and_the_budget():
             assert cache.length == min(t + 1, budget - 1)
     assert cache.kept[:n_sink].tolist() == [0, 1, 2]
     assert cache.kept[n_sink:].tolist() == list(range(39 - window, 39))
-    torch.testing.assert_close(per_token_nll(model, ids, "sink", budget, n_sink), torch.stack(nll))
+    torch.testing.assert_close(stream_nll(model, ids, "sink", budget, n_sink), torch.stack(nll))
     assert method_cache("window", budget, n_sink) == ("window", 0, 9)
     with pytest.raises(ValueError, match="no recent window"):
         method_cache("sink", 4, 3)
 
 
-def test_form_streams_start_at_eos_and_do_not_overlap():
+def test_form_streams_join_whole_documents_and_never_share_one():
     eos = 0
-    tokens = [0, 5, 6, 7, 0, 8, 9, 0, 1, 2, 3, 4, 0, 5, 0, 6, 6, 6]
+    tokens = [0, 5, 6, 7, 0, 8, 9, 0, 1, 2, 3, 4, 0, 5, 0, 6, 6, 6, 0]
+    assert [d.tolist() for d in split_documents(tokens, eos)] == [
+        [5, 6, 7],
+        [8, 9],
+        [1, 2, 3, 4],
+        [5],
+        [6, 6, 6],
+    ]
     streams = form_streams(tokens, eos, length=5, n_streams=10)
-    assert streams.tolist() == [
-        [0, 5, 6, 7, 0],
-        [0, 1, 2, 3, 4],
-        [0, 5, 0, 6, 6],
-    ]  # eos at 4 is inside stream 1
+    # stream 1 ends in the <eos> before doc [8, 9]; stream 2 reaches into [1, 2, 3, 4], so stream 3 starts at [5]
+    assert streams.tolist() == [[0, 5, 6, 7, 0], [0, 8, 9, 0, 1], [0, 5, 0, 6, 6]]
     assert form_streams(tokens, eos, length=5, n_streams=2).shape == (2, 5)
+    joined = form_streams(tokens, eos, length=7, n_streams=10, separator=[3, 3])
+    assert joined.tolist() == [[0, 5, 6, 7, 3, 3, 8], [0, 1, 2, 3, 4, 3, 3], [0, 5, 3, 3, 6, 6, 6]]
     with pytest.raises(ValueError, match="eval.lengths"):
         form_streams(tokens, eos, length=40, n_streams=1)
+
+
+def test_newline_separator_is_a_blank_line_without_eos():
+    tok = train_bpe_tokenizer(["one two.\n\nthree four. " * 20], vocab_size=300)
+    assert separator_ids(tok, "eos") == [tok.eos_token_id]
+    sep = separator_ids(tok, "newline")
+    assert tok.decode(sep) == "\n\n" and tok.eos_token_id not in sep
 
 
 def test_length_metrics_pool_prefixes_and_count_decoded_bytes():
@@ -159,6 +192,7 @@ def test_moving_average_is_trailing():
         ({"eval.lengths": [1, 64]}, "eval.lengths"),
         ({"eval.methods": ["dense", "ring"]}, "eval.methods"),
         ({"eval.split": "train"}, "eval.split"),
+        ({"eval.separators": ["eos", "tab"]}, "eval.separators"),
         ({"eval.n_sink": 0}, "eval.n_sink"),
         ({"eval.cache_budget": 4}, "eval.cache_budget"),
         ({"eval.n_streams": 0}, "eval.n_streams"),
@@ -215,26 +249,28 @@ def test_end_to_end_trains_both_models_writes_record_and_reuses_runs(tmp_path):
     record = run_experiment(cfg, command="pytest tiny long-context")
     assert set(record) == set(RECORD_KEYS) and record["command"] == "pytest tiny long-context"
     metrics = record["metrics"]
-    assert set(metrics) == {"no_sink", "learned_sink"}
-    for per_method in metrics.values():
-        assert set(per_method) == set(METHODS)
-        for per_len in per_method.values():
-            assert set(per_len) == {"8", "16", "32", "64"}
-            assert all(math.isfinite(m["ppl"]) and m["bpb"] > 0 for m in per_len.values())
-    # up to the cache budget (= training context 16) nothing is evicted: every method equals dense
-    for per_method in metrics.values():
-        for method in ("window", "sink", "window_recompute"):
-            assert per_method[method]["16"]["ppl"] == pytest.approx(
-                per_method["dense"]["16"]["ppl"], rel=1e-4
-            )
+    assert set(metrics) == {"eos", "newline"}
+    for per_variant in metrics.values():
+        assert set(per_variant) == {"no_sink", "learned_sink"}
+        for per_method in per_variant.values():
+            assert set(per_method) == set(METHODS)
+            for per_len in per_method.values():
+                assert set(per_len) == {"8", "16", "32", "64"}
+                assert all(math.isfinite(m["ppl"]) and m["bpb"] > 0 for m in per_len.values())
+            # up to the cache budget (= training context 16) nothing is evicted: every method equals dense
+            for method in ("window", "sink", "window_recompute"):
+                assert per_method[method]["16"]["ppl"] == pytest.approx(
+                    per_method["dense"]["16"]["ppl"], rel=1e-4
+                )
     models = record["protocol"]["models"]
     assert models["no_sink"]["n_sinks"] == 0 and models["learned_sink"]["n_sinks"] == 1
     assert models["no_sink"]["tokenizer_hash"] == models["learned_sink"]["tokenizer_hash"]
+    assert models["no_sink"]["eos_per_stream"]["newline"] == 1.0  # only the stream's first token
     out = tmp_path / "experiments" / "long_context"
     assert (out / "tiny-lc_ppl_vs_length.png").stat().st_size > 0
     assert (out / "tiny-lc_nll_vs_position.png").stat().st_size > 0
     curves = json.loads((out / "tiny-lc_curves.json").read_text())["mean_nll_by_position"]
-    assert len(curves["learned_sink"]["sink"]) == 63
+    assert len(curves["newline"]["learned_sink"]["sink"]) == 63
     assert "long-context (tiny-lc)" in (tmp_path / "experiments" / "LOG.md").read_text()
 
     reused = tiny_config(
@@ -245,9 +281,10 @@ def test_end_to_end_trains_both_models_writes_record_and_reuses_runs(tmp_path):
         **{"eval.methods": ["dense", "sink"]},
     )
     again = run_experiment(reused, command="reuse")["metrics"]
-    assert again["learned_sink"]["sink"]["64"]["ppl"] == pytest.approx(
-        metrics["learned_sink"]["sink"]["64"]["ppl"]
-    )
+    for sep in ("eos", "newline"):
+        assert again[sep]["learned_sink"]["sink"]["64"] == pytest.approx(
+            metrics[sep]["learned_sink"]["sink"]["64"]
+        )
     swapped = tiny_config(
         tmp_path,
         no_sink_run=str(tmp_path / "runs" / "no_sink"),

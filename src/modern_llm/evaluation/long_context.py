@@ -11,18 +11,22 @@ tokens leave the cache; keeping 4 initial tokens ("attention sinks") keeps perpl
 Methods (all on the same streams)
 - ``dense``: one forward pass over the whole stream, nothing evicted; beyond the training context this is
   pure RoPE extrapolation (relative distances the model never saw).
-- ``window``: ``StreamingKVCache`` with no sinks, decoding token by token (no recomputation).
+- ``window``: ``StreamingKVCache`` with no sinks, decoding token by token (no recomputation); all streams
+  go through one cache as a batch (they share its eviction schedule).
 - ``sink``: StreamingLLM — the first ``n_sink`` tokens (default 4) + the recent window.
 - ``window_recompute``: the oracle sliding window: every token is scored from a fresh forward over its
   ``cache_budget`` previous tokens, so the first token of each window is again a "first token". Costly in
   real decoding; here it tells how much of a gap is due to eviction rather than to lost context.
 
 Protocol (stated in every record)
-- Streams: the split's token file is ``<eos> doc <eos> doc ...`` (``data.lm_datasets``). We cut
-  ``n_streams`` non-overlapping streams of ``max(lengths)`` tokens, each starting at an ``<eos>`` (a document
-  start), in corpus order. Length L is scored on the first L tokens of every stream. Because each method is
-  causal (a cache's state at token t depends only on tokens <= t), the per-token NLLs at length L are
-  exactly the first L - 1 NLLs of the longest run, so every method runs once per stream.
+- Streams: the split's token file is ``<eos> doc <eos> doc ...`` (``data.lm_datasets``). A stream is
+  ``<eos> doc_i SEP doc_i+1 SEP ...`` cut at ``max(lengths)`` tokens; up to ``n_streams`` of them, in corpus
+  order, no document shared. Two separators: ``eos`` (exactly the training format) and ``newline`` (a blank
+  line's tokens, so the only <eos> is the first token). The second exists because a frequent delimiter token
+  can itself act as an attention sink: with short documents every window holds an <eos>, and window-only
+  attention then never loses its sink. Length L is scored on the first L tokens of every stream. Each
+  method is causal (a cache's state at token t depends only on tokens <= t), so the NLLs at length L are
+  exactly the first L - 1 NLLs of the longest run, and every method runs once per stream batch.
 - PPL(L) = exp(total NLL / total predicted tokens) pooled over streams (L - 1 predictions per stream).
   ``tail`` PPL uses only the last ``tail_tokens`` predictions before L, i.e. what happens AT context L.
 - Bits per byte = total NLL / (ln 2 * bytes), bytes = UTF-8 length of the decoded target tokens of the
@@ -58,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from modern_llm.evaluation.metrics import bits_per_byte, mean_std, perplexity
-from modern_llm.inference.streaming import streaming_perplexity
+from modern_llm.inference.streaming import StreamingKVCache
 from modern_llm.training.train_lm import LMRunConfig
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ log = logging.getLogger(__name__)
 METHODS = ("dense", "window", "sink", "window_recompute")
 MODEL_VARIANTS = ("no_sink", "learned_sink")
 EVAL_SPLITS = ("val", "test")
+DOC_SEPARATORS = ("eos", "newline")  # <eos> as in training | a blank line (no delimiter token in the stream)
 
 
 def _default_lm() -> LMRunConfig:
@@ -101,6 +106,7 @@ class LongContextEvalConfig:
         8  # streams of max(lengths) tokens; fewer are used (with a warning) if the split is short
     )
     split: str = "val"  # "val" | "test" (a corpus's test split, when it has one)
+    separators: list[str] = field(default_factory=lambda: list(DOC_SEPARATORS))  # between documents
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     n_sink: int = 4  # initial tokens the "sink" method keeps (StreamingLLM uses 4)
     cache_budget: int | None = None  # tokens a query sees, itself included; None = the training context
@@ -117,6 +123,11 @@ class LongContextEvalConfig:
             raise ValueError(f"eval.n_streams must be >= 1, got {self.n_streams}")
         if self.split not in EVAL_SPLITS:
             raise ValueError(f"eval.split must be one of {EVAL_SPLITS}, got {self.split!r}")
+        bad_sep = [x for x in self.separators if x not in DOC_SEPARATORS]
+        if bad_sep or not self.separators:
+            raise ValueError(
+                f"eval.separators: unknown {bad_sep or 'empty list'}; choose from {list(DOC_SEPARATORS)}"
+            )
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"eval.methods: unknown {bad or 'empty list'}; choose from {list(METHODS)}")
@@ -168,27 +179,59 @@ class LongContextConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def form_streams(tokens: np.ndarray | torch.Tensor, eos_id: int, length: int, n_streams: int) -> torch.Tensor:
-    """Up to ``n_streams`` non-overlapping (length,) streams, each starting at an ``eos_id`` -> (S, length).
-
-    Streams are taken greedily in order: the next one starts at the first <eos> at or after the previous end.
-    """
+def split_documents(tokens: np.ndarray | torch.Tensor, eos_id: int) -> list[torch.Tensor]:
+    """The non-empty token runs between ``eos_id`` tokens of a split's ``<eos> doc <eos> doc ...`` file."""
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    starts_at = torch.nonzero(ids == eos_id).flatten().tolist()
-    streams, next_free = [], 0
-    for start in starts_at:
-        if len(streams) == n_streams:
+    cuts = torch.nonzero(ids == eos_id).flatten().tolist()
+    bounds = [-1, *cuts, ids.numel()]
+    return [ids[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a > 1]
+
+
+def form_streams(
+    tokens: np.ndarray | torch.Tensor,
+    eos_id: int,
+    length: int,
+    n_streams: int,
+    separator: list[int] | None = None,
+) -> torch.Tensor:
+    """Up to ``n_streams`` streams ``<eos> doc_i SEP doc_i+1 SEP ...`` cut at ``length`` tokens -> (S, length).
+
+    ``separator`` (token ids) defaults to ``[eos_id]``, which reproduces the split's own token file. Streams are
+    taken in corpus order and share no document token: the next stream starts at the first document the
+    previous one did not reach.
+    """
+    sep = torch.tensor([eos_id] if separator is None else separator, dtype=torch.long)
+    docs = split_documents(tokens, eos_id)
+    streams, i = [], 0
+    while i < len(docs) and len(streams) < n_streams:
+        parts, n, j = [torch.tensor([eos_id])], 1, i
+        while n < length and j < len(docs):
+            parts += [docs[j], sep]
+            n += docs[j].numel() + sep.numel()
+            j += 1
+        if n < length:  # the split ran out of documents
             break
-        if start < next_free or start + length > ids.numel():
-            continue
-        streams.append(ids[start : start + length])
-        next_free = start + length
+        streams.append(torch.cat(parts)[:length])
+        i = j
     if not streams:
+        n_tokens = sum(d.numel() for d in docs)
         raise ValueError(
-            f"the eval split has {ids.numel()} tokens: not one stream of max(eval.lengths)={length} tokens fits "
-            "(starting at a document boundary); lower eval.lengths or use a larger split (data.val_fraction)"
+            f"the eval split has {n_tokens} document tokens: not one stream of max(eval.lengths)={length} tokens "
+            "fits; lower eval.lengths or use a larger split (data.val_fraction)"
         )
     return torch.stack(streams)  # (S, length)
+
+
+def separator_ids(tokenizer: Any, separator: str) -> list[int]:
+    """Token ids put between documents: ``eos`` -> [eos_id]; ``newline`` -> the encoding of a blank line."""
+    if separator == "eos":
+        return [tokenizer.eos_token_id]
+    ids = tokenizer.encode("\n\n", add_special_tokens=False)
+    if not ids or tokenizer.eos_token_id in ids:
+        raise ValueError(
+            f"tokenizer encodes a blank line as {ids}; cannot build eval.separators=newline streams"
+        )
+    return ids
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,7 +240,8 @@ def form_streams(tokens: np.ndarray | torch.Tensor, eos_id: int, length: int, n_
 
 
 def method_cache(method: str, cache_budget: int, n_sink: int) -> tuple[str, int, int | None]:
-    """-> (cache_kind, n_sink, window) for ``streaming_perplexity``: a query sees ``cache_budget`` tokens."""
+    """-> (cache_kind, n_sink, window) of ``streaming_perplexity``'s caches: a query sees ``cache_budget``
+    tokens, itself included."""
     if method == "dense":
         return "dense", 0, None
     if method == "window":
@@ -216,12 +260,11 @@ def recompute_window_nll(
     """NLL of token t+1 from a FRESH forward over the last ``window`` tokens <= t (positions 0..window-1).
 
     The first ``window - 1`` predictions have a shorter history, equal to the dense prefix, so one dense pass
-    covers them; the rest are the ``(N - window + 1)`` full windows, run ``batch`` at a time.
+    covers them; the rest are the ``N - window`` full windows, run ``batch`` at a time.
     """
     ids = ids.flatten()
     n_tokens = ids.numel()
-    device = next(model.parameters()).device
-    ids = ids.to(device)
+    ids = ids.to(next(model.parameters()).device)
     head = min(window, n_tokens)
     logits = model(ids[None, :head]).logits[0]  # (head, V)
     nll = [F.cross_entropy(logits[: head - 1].float(), ids[1:head], reduction="none")]
@@ -235,27 +278,53 @@ def recompute_window_nll(
     return torch.cat(nll).cpu()  # (N - 1,)
 
 
-def per_token_nll(
+@torch.no_grad()
+def _cached_nll(model: torch.nn.Module, ids: torch.Tensor, n_sink: int, window: int) -> torch.Tensor:
+    """(S, N) streams fed one token per step through ONE StreamingKVCache -> (S, N - 1) NLLs.
+
+    All rows advance in lockstep, so they share the cache's eviction schedule; one step per token is exactly
+    decoding (a chunk would let its early queries see more than the window).
+    """
+    cache = StreamingKVCache.for_model(model, n_sink, window)
+    out = []
+    for t in range(ids.shape[1] - 1):
+        logits = model(ids[:, t : t + 1], kv_cache=cache).logits[:, -1]  # (S, V)
+        out.append(F.cross_entropy(logits.float(), ids[:, t + 1], reduction="none"))
+    return torch.stack(out, dim=1)
+
+
+def stream_nll(
     model: torch.nn.Module,
-    ids: torch.Tensor,
+    streams: torch.Tensor,
     method: str,
     cache_budget: int,
     n_sink: int = 4,
     recompute_batch: int = 64,
 ) -> torch.Tensor:
-    """(N - 1,) nats: nll[i] = -log p(ids[i + 1] | what ``method`` lets the model see of ids[:i + 1])."""
+    """(S, N) or (N,) token streams -> NLLs (S, N - 1) or (N - 1,) in nats, fp32 on CPU:
+    nll[..., i] = -log p(token i + 1 | what ``method`` lets the model see of tokens <= i)."""
+    single = streams.dim() == 1
+    ids = streams.reshape(1, -1) if single else streams
+    ids = ids.to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:
-        if method == "window_recompute":
-            return recompute_window_nll(model, ids, cache_budget, recompute_batch)
-        kind, sinks, window = method_cache(method, cache_budget, n_sink)
-        if kind == "dense":  # the whole stream as one chunk = one plain forward at positions 0..N-1
-            return streaming_perplexity(model, ids, "dense", chunk_size=ids.numel()).nll
-        # caches: one token per step, exactly as in decoding (chunks would let early queries see more)
-        return streaming_perplexity(model, ids, kind, n_sink=sinks, window=window, chunk_size=1).nll
+        with torch.no_grad():
+            if method == "window_recompute":
+                nll = torch.stack(
+                    [recompute_window_nll(model, s, cache_budget, recompute_batch) for s in ids]
+                )
+            else:
+                kind, sinks, window = method_cache(method, cache_budget, n_sink)
+                if kind == "dense":  # one plain forward at positions 0..N-1: RoPE extrapolation past training
+                    logits = model(ids).logits[:, :-1]  # (S, N - 1, V)
+                    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+                else:
+                    nll = _cached_nll(model, ids, sinks, window)
     finally:
         model.train(was_training)
+    nll = nll.float().cpu()
+    return nll[0] if single else nll
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,8 +441,8 @@ def obtain_models(cfg: LongContextConfig, device: torch.device) -> list[ModelUnd
     return models
 
 
-def eval_streams(cfg: LongContextConfig, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Token streams of the eval split for one tokenizer (cached token files of the LM stage)."""
+def eval_streams(cfg: LongContextConfig, tokenizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """{separator: (S, max(lengths)) streams} of the eval split for one tokenizer, plus split statistics."""
     from modern_llm.data.lm_datasets import prepare_lm_data
 
     data = prepare_lm_data(
@@ -390,23 +459,28 @@ def eval_streams(cfg: LongContextConfig, tokenizer: Any) -> tuple[torch.Tensor, 
         raise ValueError(
             f"eval.split={cfg.eval.split!r}: corpus {cfg.lm.data.corpus!r} has splits {sorted(data.splits)}"
         )
-    L = max(cfg.eval.lengths)
-    streams = form_streams(split.tokens, tokenizer.eos_token_id, L, cfg.eval.n_streams)
-    if streams.shape[0] < cfg.eval.n_streams:
-        log.warning(
-            "only %d of eval.n_streams=%d streams of %d tokens fit in %s/%s (%d tokens)",
-            streams.shape[0],
-            cfg.eval.n_streams,
-            L,
-            cfg.lm.data.corpus,
-            cfg.eval.split,
-            split.n_tokens,
-        )
+    L, eos = max(cfg.eval.lengths), tokenizer.eos_token_id
+    streams = {}
+    for sep in cfg.eval.separators:
+        streams[sep] = form_streams(split.tokens, eos, L, cfg.eval.n_streams, separator_ids(tokenizer, sep))
+        if streams[sep].shape[0] < cfg.eval.n_streams:
+            log.warning(
+                "only %d of eval.n_streams=%d streams of %d tokens fit in %s/%s (%d tokens)",
+                streams[sep].shape[0],
+                cfg.eval.n_streams,
+                L,
+                cfg.lm.data.corpus,
+                cfg.eval.split,
+                split.n_tokens,
+            )
     info = {
         "split_tokens": split.n_tokens,
         "split_bytes": split.n_bytes,
         "split_docs": split.n_docs,
+        "split_tokens_per_doc": split.n_tokens / max(split.n_docs, 1),
         "split_bytes_per_token": split.n_bytes / max(split.n_tokens, 1),
+        "n_streams": {sep: int(x.shape[0]) for sep, x in streams.items()},
+        "eos_per_stream": {sep: float((x == eos).sum(dim=1).float().mean()) for sep, x in streams.items()},
         "source": data.source,
         "tokenizer_hash": data.tokenizer_hash,
         "split_rule": data.split_rule,
@@ -428,9 +502,7 @@ def evaluate_model(
     metrics, curves = {}, {}
     for method in cfg.methods:
         t0 = time.time()
-        nll = torch.stack(
-            [per_token_nll(mut.model, s, method, budget, cfg.n_sink, cfg.recompute_batch) for s in streams]
-        )  # (S, N - 1)
+        nll = stream_nll(mut.model, streams, method, budget, cfg.n_sink, cfg.recompute_batch)  # (S, N - 1)
         if not torch.isfinite(nll).all():
             raise RuntimeError(f"{mut.variant}/{method}: non-finite NLL; the model or cache is broken")
         metrics[method] = length_metrics(nll, streams, mut.tokenizer, cfg.lengths, tail)
@@ -449,35 +521,48 @@ def evaluate_model(
     return metrics, curves
 
 
-def plot_ppl_vs_length(
-    metrics: dict[str, dict[str, dict[str, dict[str, float]]]],
-    train_context: int,
-    out_png: Path,
-    title: str,
-) -> Path:
-    """Two panels (all-token PPL, tail PPL) vs stream length, one line per model x method, log-log axes."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    return plt
+
+
+def plot_ppl_vs_length(metrics: dict, train_context: int, out_png: Path, title: str) -> Path:
+    """Rows = document separator; columns = all-token PPL, tail PPL vs stream length; log-log axes.
+
+    ``metrics[separator][variant][method][str(L)]`` as in the record.
+    """
+    plt = _pyplot()
+    rows = list(metrics)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.2 * len(rows)), squeeze=False)
     styles = {"no_sink": "-", "learned_sink": "--"}
-    for ax, key, label in ((axes[0], "ppl", "PPL over all tokens"), (axes[1], "tail_ppl", "tail PPL (at L)")):
-        for variant, per_method in metrics.items():
-            for i, (method, per_len) in enumerate(per_method.items()):
-                xs = [int(n) for n in per_len]
-                ys = [per_len[n][key] for n in per_len]
-                ax.plot(
-                    xs, ys, styles.get(variant, ":"), color=f"C{i}", marker="o", label=f"{variant}/{method}"
-                )
-        ax.axvline(train_context, color="grey", linestyle=":", label="training context")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("stream length L (tokens)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
+    for r, sep in enumerate(rows):
+        for ax, key, label in (
+            (axes[r][0], "ppl", "PPL, all tokens"),
+            (axes[r][1], "tail_ppl", "tail PPL (at L)"),
+        ):
+            for variant, per_method in metrics[sep].items():
+                for i, (method, per_len) in enumerate(per_method.items()):
+                    xs = [int(n) for n in per_len]
+                    ys = [per_len[n][key] for n in per_len]
+                    ax.plot(
+                        xs,
+                        ys,
+                        styles.get(variant, ":"),
+                        color=f"C{i}",
+                        marker="o",
+                        label=f"{variant}/{method}",
+                    )
+            ax.axvline(train_context, color="grey", linestyle=":", label="training context")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("stream length L (tokens)")
+            ax.set_ylabel(f"{label} [{sep} between docs]")
+            ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -486,29 +571,28 @@ def plot_ppl_vs_length(
     return out_png
 
 
-def plot_nll_vs_position(
-    curves: dict[str, dict[str, list[float]]],
-    train_context: int,
-    smooth: int,
-    out_png: Path,
-    title: str,
-) -> Path:
-    """One panel per model: moving-average NLL vs context length (token position), one line per method."""
-    import matplotlib
+def plot_nll_vs_position(curves: dict, train_context: int, smooth: int, out_png: Path, title: str) -> Path:
+    """Rows = document separator, columns = model: moving-average NLL vs token position, one line per method.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), sharey=True, squeeze=False)
-    for ax, (variant, per_method) in zip(axes[0], curves.items()):
-        for i, (method, curve) in enumerate(per_method.items()):
-            xs = np.arange(1, len(curve) + 1)  # tokens of context before the predicted token
-            ax.plot(xs, moving_average(np.asarray(curve), smooth), color=f"C{i}", label=method)
-        ax.axvline(train_context, color="grey", linestyle=":", label="training context")
-        ax.set_title(variant)
-        ax.set_xlabel("token position (context length)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"NLL (nats), {smooth}-token moving average")
+    ``curves[separator][variant][method]`` = mean NLL over streams at each position.
+    """
+    plt = _pyplot()
+    rows = list(curves)
+    cols = list(curves[rows[0]])
+    fig, axes = plt.subplots(
+        len(rows), len(cols), figsize=(5.5 * len(cols), 4.2 * len(rows)), sharey=True, squeeze=False
+    )
+    for r, sep in enumerate(rows):
+        for c, variant in enumerate(cols):
+            ax = axes[r][c]
+            for i, (method, curve) in enumerate(curves[sep][variant].items()):
+                xs = np.arange(1, len(curve) + 1)  # tokens of context before the predicted token
+                ax.plot(xs, moving_average(np.asarray(curve), smooth), color=f"C{i}", label=method)
+            ax.axvline(train_context, color="grey", linestyle=":", label="training context")
+            ax.set_title(f"{variant}, {sep} between docs")
+            ax.set_xlabel("token position (context length)")
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel(f"NLL (nats), {smooth}-token moving average")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -519,25 +603,28 @@ def plot_nll_vs_position(
 
 
 def describe_results(metrics: dict, lengths: list[int], train_context: int) -> tuple[str, str]:
-    """(result, meaning) sentences for the log, computed from the numbers (tail PPL at max L vs at train ctx)."""
+    """(result, meaning) text for the log, from the numbers: tail PPL at max(L) vs at the training context.
+
+    Verdict per method: "blows up" (> x1.5), "degrades" (x1.1 - x1.5) or "stays flat" (< x1.1).
+    """
     L_max = str(max(lengths))
     L_ref = str(min(lengths, key=lambda n: abs(n - train_context)))
     parts, verdicts = [], []
-    for variant, per_method in metrics.items():
-        for method, per_len in per_method.items():
-            ref, far = per_len[L_ref]["tail_ppl"], per_len[L_max]["tail_ppl"]
-            ratio = far / ref
-            parts.append(
-                f"{variant}/{method}: PPL@{L_max} {per_len[L_max]['ppl']:.2f} (bpb {per_len[L_max]['bpb']:.3f}), "
-                f"tail PPL {ref:.2f}@{L_ref} -> {far:.2f}@{L_max}"
-            )
-            trend = "blows up" if ratio > 1.5 else "stays flat" if ratio < 1.1 else "degrades mildly"
-            verdicts.append(f"{variant}/{method} {trend} (x{ratio:.2f})")
+    for sep, per_variant in metrics.items():
+        for variant, per_method in per_variant.items():
+            for method, per_len in per_method.items():
+                ref, far = per_len[L_ref]["tail_ppl"], per_len[L_max]["tail_ppl"]
+                ratio = far / ref
+                parts.append(
+                    f"[{sep}] {variant}/{method}: PPL@{L_max} {per_len[L_max]['ppl']:.2f} "
+                    f"(bpb {per_len[L_max]['bpb']:.3f}), tail PPL {ref:.2f}@{L_ref} -> {far:.2f}@{L_max}"
+                )
+                trend = "blows up" if ratio > 1.5 else "stays flat" if ratio < 1.1 else "degrades"
+                verdicts.append(f"[{sep}] {variant}/{method} {trend} (x{ratio:.2f})")
     meaning = (
         f"Tail PPL at {L_max} tokens relative to {L_ref} (the training context): "
         + "; ".join(verdicts)
-        + ". StreamingLLM's claim is that window-only blows up and sink+window stays flat; compare the "
-        "no_sink/window and no_sink/sink verdicts above (small model, short training: a weak test)."
+        + ". StreamingLLM predicts no_sink/window blows up while no_sink/sink stays flat and dense degrades."
     )
     return "; ".join(parts), meaning
 
@@ -554,13 +641,16 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
     device = resolve_device(cfg.eval.device)
     models = obtain_models(cfg, device)
     t_eval = time.time()
-    metrics, curves, per_model, streams_by_tok = {}, {}, {}, {}
+    metrics: dict[str, dict] = {sep: {} for sep in cfg.eval.separators}
+    curves: dict[str, dict] = {sep: {} for sep in cfg.eval.separators}
+    per_model, streams_by_tok = {}, {}
     for mut in models:
         tok_hash = tokenizer_fingerprint(mut.tokenizer)
         if tok_hash not in streams_by_tok:
             streams_by_tok[tok_hash] = eval_streams(cfg, mut.tokenizer)
         streams, data_info = streams_by_tok[tok_hash]
-        metrics[mut.variant], curves[mut.variant] = evaluate_model(mut, streams, cfg.eval)
+        for sep in cfg.eval.separators:
+            metrics[sep][mut.variant], curves[sep][mut.variant] = evaluate_model(mut, streams[sep], cfg.eval)
         per_model[mut.variant] = {
             "checkpoint": str(mut.checkpoint),
             "n_sinks": mut.model.config.n_sinks,
@@ -568,7 +658,6 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
             "train_context": mut.train_context,
             "cache_budget": cfg.eval.cache_budget or mut.train_context,
             "tail_tokens": cfg.eval.tail_tokens or max(1, mut.train_context // 2),
-            "n_streams": int(streams.shape[0]),
             "train_val_ppl": mut.train_summary.get("eval/ppl"),
             "train_val_bpb": mut.train_summary.get("eval/bpb"),
             "train_steps": mut.train_summary.get("step"),
@@ -587,21 +676,24 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
         train_context,
         cfg.eval.smooth,
         out_dir / f"{slug}_nll_vs_position.png",
-        f"{cfg.name}: per-token NLL",
+        f"{cfg.name}: per-token NLL (mean over streams)",
     )
     curves_file = out_dir / f"{slug}_curves.json"
-    curves_file.write_text(json.dumps({"mean_nll_by_position": curves, "x": "token position - 1"}) + "\n")
+    curves_file.write_text(
+        json.dumps({"mean_nll_by_position": curves, "index": "i = NLL of token i+1 given tokens <= i"}) + "\n"
+    )
     protocol = {
         "corpus": cfg.lm.data.corpus,
         "split": cfg.eval.split,
         "tokenizer": cfg.lm.data.tokenizer
         if cfg.lm.data.tokenizer != "train"
-        else "bpe trained on the train split",
+        else "byte-level BPE trained on the train split (shared by both models)",
         "context": train_context,
         "lengths": cfg.eval.lengths,
         "stride": "each stream scored once; length L = the first L tokens of every stream",
-        "streams": f"non-overlapping streams of {max(cfg.eval.lengths)} tokens starting at <eos> document "
-        "boundaries of the split's '<eos> doc <eos> doc ...' token file, in corpus order",
+        "streams": f"up to {cfg.eval.n_streams} streams of {max(cfg.eval.lengths)} tokens: <eos> doc SEP doc SEP "
+        "... in corpus order, no document shared between streams; SEP = <eos> ('eos', the training format) or "
+        "the tokens of a blank line ('newline': no delimiter token inside the stream)",
         "ppl": "exp(total NLL / total predictions) pooled over streams, L - 1 predictions per stream; "
         "tail_ppl = only the last tail_tokens predictions before L",
         "bpb": "total NLL / (ln 2 * UTF-8 bytes of the decoded target tokens of the same span); <eos> = 0 bytes",
@@ -624,7 +716,7 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
         record_path,
         name=cfg.name,
         task=f"long_context/{cfg.lm.data.corpus}",
-        model=f"ModernDecoderLM-{models[0].model.num_params() / 1e6:.2f}M (no sinks / {cfg.learned_sinks} learned)",
+        model=f"ModernDecoderLM-{models[0].model.num_params() / 1e6:.2f}M (0 and {cfg.learned_sinks} learnable sinks)",
         metrics=metrics,
         protocol=protocol,
         seed=cfg.lm.train.seed,
@@ -638,9 +730,10 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
         result, meaning = describe_results(metrics, cfg.eval.lengths, train_context)
         append_log(
             f"long-context ({cfg.name})",
-            what=f"PPL/bpb vs stream length {cfg.eval.lengths} (training context {train_context}) for dense, "
-            f"sliding window, {cfg.eval.n_sink} sinks + window and window recompute, on a plain model and one "
-            f"trained with {cfg.learned_sinks} learnable sink(s); record {record_path}",
+            what=f"PPL/bpb vs stream length {cfg.eval.lengths} (training context {train_context}) for "
+            f"{', '.join(cfg.eval.methods)} ({cfg.eval.n_sink} sinks), on a plain model and one trained with "
+            f"{cfg.learned_sinks} learnable sink(s); documents separated by {' / '.join(cfg.eval.separators)}; "
+            f"record {record_path}",
             command=command,
             result=result,
             meaning=meaning,
@@ -679,19 +772,15 @@ def load_long_context_config(
 
 
 def format_table(metrics: dict, lengths: list[int]) -> str:
-    """Markdown table: one row per model/method, PPL (bpb) per length, then tail PPL per length."""
-    head = (
-        "| model/method | "
-        + " | ".join(f"L={n}" for n in lengths)
-        + " | "
-        + " | ".join(f"tail@{n}" for n in lengths)
-    )
-    lines = [head + " |", "|" + "---|" * (1 + 2 * len(lengths))]
-    for variant, per_method in metrics.items():
-        for method, per_len in per_method.items():
-            cells = [f"{per_len[str(n)]['ppl']:.2f} ({per_len[str(n)]['bpb']:.3f})" for n in lengths]
-            tails = [f"{per_len[str(n)]['tail_ppl']:.2f}" for n in lengths]
-            lines.append(f"| {variant}/{method} | " + " | ".join(cells + tails) + " |")
+    """Markdown table: a row per separator/model/method; PPL (bpb) per length, then tail PPL per length."""
+    head = ["separator/model/method", *[f"L={n}" for n in lengths], *[f"tail@{n}" for n in lengths]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sep, per_variant in metrics.items():
+        for variant, per_method in per_variant.items():
+            for method, per_len in per_method.items():
+                cells = [f"{per_len[str(n)]['ppl']:.2f} ({per_len[str(n)]['bpb']:.3f})" for n in lengths]
+                tails = [f"{per_len[str(n)]['tail_ppl']:.2f}" for n in lengths]
+                lines.append(f"| {sep}/{variant}/{method} | " + " | ".join(cells + tails) + " |")
     return "\n".join(lines)
 
 
