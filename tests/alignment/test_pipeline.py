@@ -137,3 +137,15 @@ def test_cli_help():
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_stop_after_sft_evaluates_only_the_first_stages(tmp_path):
+    cfg = dataclasses.replace(_tiny_config(tmp_path), stop_after="sft", name="partial")
+    out = run_pipeline(cfg)
+    (seed,) = out["per_seed"]
+    assert set(seed["stages"]) == {"base", "sft"}
+    assert "verifier_at_n" not in seed["stages"]["sft"]  # no verifier was trained
+    assert [row["stage"] for row in out["stage_gains"]] == ["base", "sft"]
+    assert "| sft |" in (tmp_path / "results" / "partial.md").read_text()
+    with pytest.raises(ValueError, match="stop_after"):
+        dataclasses.replace(cfg, stop_after="verifier")

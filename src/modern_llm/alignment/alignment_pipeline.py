@@ -149,6 +149,7 @@ class PipelineConfig:
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     skip_sft: bool = False  # start DPO from the base (e.g. an instruct model already good at the format)
+    stop_after: str = "dpo"  # "base" | "sft" | "dpo" (= every stage, verifier included)
     threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is much faster on a shared, loaded CPU
 
     def __post_init__(self) -> None:
@@ -156,6 +157,8 @@ class PipelineConfig:
             raise ValueError("seeds must list at least one seed, e.g. --seeds 0,1,2")
         if self.offset < 0:
             raise ValueError(f"offset must be >= 0, got {self.offset}")
+        if self.stop_after not in ("base", "sft", "dpo"):
+            raise ValueError(f"stop_after must be 'base', 'sft' or 'dpo', got {self.stop_after!r}")
         if self.eval.num_samples < 2:
             raise ValueError("eval.num_samples must be >= 2 (N for maj@N / verifier@N / pass@N)")
 
@@ -332,6 +335,11 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
     samples["base"] = timed(
         "eval_base", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
     )
+    result = {"seed": seed, "pairs": {}, "dpo_train": {}, "verifier_train": {}, "timings_s": timings}
+    if cfg.stop_after == "base":
+        return _finish(
+            cfg, result, task, eval_examples, eval_prompts, samples, None, tokenizer, seed_dir, t_seed
+        )
 
     if not cfg.skip_sft:
         model = maybe_apply_lora(model, cfg.lora)
@@ -350,6 +358,10 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
     samples["sft"] = timed(
         "eval_sft", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
     )
+    if cfg.stop_after == "sft":
+        return _finish(
+            cfg, result, task, eval_examples, eval_prompts, samples, None, tokenizer, seed_dir, t_seed
+        )
 
     # On-policy samples from the SFT policy on train questions -> DPO pairs + verifier records.
     pair_examples = train_examples[: cfg.pairs.n_questions]
@@ -417,30 +429,37 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
         "eval_dpo", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
     )
 
-    stage_metrics: dict[str, dict[str, float]] = {}
-    verifier_eval: dict[str, dict[str, float]] = {}
-    for stage in ("base", "sft", "dpo"):
-        scores = None
-        if verifier is not None:
-            scores = verifier_scores_for(verifier, tokenizer, eval_prompts, samples[stage], cfg.verifier)
-            if stage != "base":
-                verifier_eval[stage] = verifier_quality(samples[stage], scores, cfg.verifier.threshold)
-        stage_metrics[stage] = score_metrics(task, eval_examples, samples[stage], scores)
-    dpo = stage_metrics["dpo"]
-    stage_metrics["dpo+verifier"] = dict(dpo) | (
-        {"accuracy": dpo["verifier_at_n"]} if verifier is not None else {}
-    )
-    _write_samples(seed_dir / "eval_samples.jsonl", eval_prompts, samples)
-    return {
-        "seed": seed,
-        "stages": stage_metrics,
-        "verifier_eval": verifier_eval,
+    result |= {
         "pairs": pair_stats.as_dict(),
         "dpo_train": {k: v for k, v in dpo_summary.items() if isinstance(v, float)},
         "verifier_train": {k: v for k, v in verifier_summary.items() if isinstance(v, float)},
-        "timings_s": timings,
+    }
+    return _finish(
+        cfg, result, task, eval_examples, eval_prompts, samples, verifier, tokenizer, seed_dir, t_seed
+    )
+
+
+def _finish(cfg, result, task, eval_examples, eval_prompts, samples, verifier, tokenizer, seed_dir, t_seed):
+    """Score every evaluated stage (verifier@N once a verifier exists), write the samples, fill ``result``."""
+    stage_metrics: dict[str, dict[str, float]] = {}
+    verifier_eval: dict[str, dict[str, float]] = {}
+    for stage, stage_samples in samples.items():
+        scores = None
+        if verifier is not None:
+            scores = verifier_scores_for(verifier, tokenizer, eval_prompts, stage_samples, cfg.verifier)
+            if stage != "base":
+                verifier_eval[stage] = verifier_quality(stage_samples, scores, cfg.verifier.threshold)
+        stage_metrics[stage] = score_metrics(task, eval_examples, stage_samples, scores)
+    if "dpo" in stage_metrics:
+        dpo = stage_metrics["dpo"]
+        reranked = {"accuracy": dpo["verifier_at_n"]} if verifier is not None else {}
+        stage_metrics["dpo+verifier"] = dict(dpo) | reranked
+    _write_samples(seed_dir / "eval_samples.jsonl", eval_prompts, samples)
+    return result | {
+        "stages": stage_metrics,
+        "verifier_eval": verifier_eval,
         "duration_s": round(time.time() - t_seed, 1),
-        "device": "cpu" if cfg.sft_train.device == "cpu" else cfg.sft_train.device,
+        "device": cfg.sft_train.device,
     }
 
 
@@ -555,10 +574,13 @@ def markdown_summary(cfg: PipelineConfig, summary, gains, per_seed, protocol: di
         auc = " / ".join(f"{ve[s]['auc']:.3f}" if s in ve else "–" for s in ("sft", "dpo"))
         farfrr = f"{ve['sft']['far']:.3f} / {ve['sft']['frr']:.3f}" if "sft" in ve else "–"
         p = r["pairs"]
-        lines.append(
-            f"| {r['seed']} | {int(p['n_pairs'])} | {int(p['n_with_pair'])}/{int(p['n_questions'])} | "
-            f"{100 * p['sample_accuracy']:.1f}% | {auc} | {farfrr} | {r['duration_s']} |"
+        pair_cells = (
+            f"{int(p['n_pairs'])} | {int(p['n_with_pair'])}/{int(p['n_questions'])} | "
+            f"{100 * p['sample_accuracy']:.1f}%"
+            if p
+            else "– | – | –"
         )
+        lines.append(f"| {r['seed']} | {pair_cells} | {auc} | {farfrr} | {r['duration_s']} |")
     return "\n".join(lines) + "\n"
 
 
