@@ -149,3 +149,30 @@ def test_stop_after_sft_evaluates_only_the_first_stages(tmp_path):
     assert "| sft |" in (tmp_path / "results" / "partial.md").read_text()
     with pytest.raises(ValueError, match="stop_after"):
         dataclasses.replace(cfg, stop_after="verifier")
+
+
+def test_every_alignment_config_file_loads():
+    from pathlib import Path
+
+    from modern_llm.config.base import load_config, read_mapping
+    from modern_llm.training.train_dpo import DPORunConfig
+    from modern_llm.training.train_sft import SFTRunConfig
+    from modern_llm.training.train_verifier import VerifierRunConfig
+
+    folder = Path(__file__).resolve().parents[2] / "configs" / "alignment"
+    files = sorted(folder.glob("*.yaml"))
+    assert files
+    for path in files:
+        keys = set(read_mapping(path))
+        cls = (
+            PipelineConfig
+            if "seeds" in keys
+            else DPORunConfig
+            if "pairs" in keys
+            else VerifierRunConfig
+            if "verifier" in keys
+            else SFTRunConfig
+        )
+        cfg = load_config(cls, path)
+        assert cfg.name, path
+        assert path.read_text().startswith("#"), f"{path}: the header comment must say how to run it"
