@@ -30,6 +30,38 @@ VERBS: dict[str, tuple[str, str]] = {
         "stream a completion from a checkpoint or HF model",
     ),
     "chat": ("modern_llm.inference.cli:chat_main", "multi-turn chat with the tokenizer's chat template"),
+    "sft": (
+        "modern_llm.training.train_sft:main",
+        "supervised finetuning (prompt tokens masked), scratch or HF",
+    ),
+    "dpo": (
+        "modern_llm.training.train_dpo:main",
+        "DPO on preference pairs (our loss, precomputed reference)",
+    ),
+    "train-verifier": (
+        "modern_llm.training.train_verifier:main",
+        "train a P(correct) verifier on labelled samples",
+    ),
+    "align": (
+        "modern_llm.alignment.alignment_pipeline:main",
+        "base -> SFT -> DPO -> verifier pipeline + stage table",
+    ),
+    "test-time": (
+        "modern_llm.alignment.test_time:main",
+        "self-consistency, best-of-N, revise-and-retry, tools",
+    ),
+    "long-context": ("modern_llm.evaluation.long_context:main", "PPL vs context length: dense/window/sinks"),
+    "ablations": (
+        "modern_llm.evaluation.ablations:main",
+        "toggle features over seeds; CSV/JSON/PNG mean ± std",
+    ),
+    "report-tables": ("modern_llm.evaluation.report_tables:main", "render report tables from experiments/"),
+    "serve": ("modern_llm.serve:main", "local web chat: streaming tokens, verifier score, alternatives"),
+    "prompt-baseline": (
+        "modern_llm.hf.prompting_baselines:main",
+        "zero/k-shot prompting baselines for a task",
+    ),
+    "hf-finetune": ("modern_llm.hf.finetune:main", "LoRA/QLoRA/full finetuning of a HF model on a task"),
     "attention-viz": ("modern_llm.evaluation.attention_viz:main", "attention heatmaps + sink-mass figure"),
     "error-analysis": ("modern_llm.evaluation.analysis:main", "categorise errors in a predictions JSONL"),
     "export-hf": ("modern_llm.models.hf_convert:export_main", "export a checkpoint to a Hugging Face folder"),
