@@ -54,6 +54,7 @@ from modern_llm.data.task_datasets import CausalLMCollator, Seq2SeqCollator, Tas
 log = logging.getLogger(__name__)
 
 METHODS = ("lora", "qlora", "full")
+EVAL_METHODS = ("generate", "verbalizer")
 
 
 @dataclass
@@ -74,11 +75,13 @@ class FinetuneConfig:
     max_length: int = 512  # prompt + completion tokens (causal) / source tokens (seq2seq)
     max_target_length: int = 128  # seq2seq targets
     max_new_tokens: int | None = None  # eval generation; default: the task's own
+    eval_method: str = "generate"  # "verbalizer": classification by label-word logits (one forward each)
     eval_batch_size: int = 8
     eval_before: bool = True
     dtype: str = "float32"  # weights / 4-bit compute dtype
     name: str | None = None
     record: str | None = None  # result-record JSON path
+    note: str | None = None  # free text for the record's protocol (e.g. a non-standard split)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             out_dir="runs/hf_finetune",
@@ -95,6 +98,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; use one of {METHODS}")
+        if self.eval_method not in EVAL_METHODS:
+            raise ValueError(f"eval_method={self.eval_method!r}; use one of {EVAL_METHODS}")
         for key in ("limit", "eval_limit"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -205,9 +210,17 @@ def probe_gradients(model: nn.Module, loss_fn, batch: dict[str, torch.Tensor]) -
 # ---------------------------------------------------------------------------------------------- run
 
 
+def _weights_for_record(cfg: FinetuneConfig, note: str | None) -> str:
+    """The base weights as the record must describe them (GGUF origin, NF4 re-quantisation for QLoRA)."""
+    base = note or f"{cfg.model} as loaded by hf.registry ({cfg.dtype})"
+    if cfg.method == "qlora":
+        base += "; for QLoRA re-quantised to 4-bit NF4 (bitsandbytes, double quantisation) at load"
+    return base
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train and evaluate; return a summary with ``before/<metric>``, final ``<metric>`` and output paths."""
-    from modern_llm.hf.prompting_baselines import evaluate_task, is_seq2seq, use_chat
+    from modern_llm.hf.prompting_baselines import evaluate_task, is_seq2seq, use_chat, weights_note
     from modern_llm.training.trainer_base import Trainer
     from modern_llm.utils.records import now_iso, write_record
 
@@ -239,6 +252,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             task,
             eval_examples,
             chat=chat,
+            method=cfg.eval_method,
             max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.eval_batch_size,
         )
@@ -299,7 +313,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 "n_eval": len(eval_examples),
                 "chat": chat,
                 "shots": 0,
-                "decoding": "greedy",
+                "eval_method": cfg.eval_method,
+                "decoding": "greedy" if cfg.eval_method == "generate" else "label-word logits",
+                "max_new_tokens": cfg.max_new_tokens or task.max_new_tokens,
+                "weights": _weights_for_record(cfg, weights_note(cfg.model)),
+                **({"note": cfg.note} if cfg.note else {}),
                 "lora": None
                 if cfg.method == "full"
                 else {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout},
@@ -352,6 +370,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument(
+        "--eval-method",
+        choices=EVAL_METHODS,
+        default="generate",
+        help="grade generated text, or (classification) compare the label words' next-token logits",
+    )
+    p.add_argument(
         "--no-eval-before", dest="eval_before", action="store_false", help="skip the baseline eval"
     )
     p.add_argument("--steps", type=int, default=None, help="= --train.max_steps")
@@ -391,6 +415,7 @@ def config_from_args(argv: list[str]) -> FinetuneConfig:
             max_length=args.max_length,
             max_new_tokens=args.max_new_tokens,
             eval_batch_size=args.eval_batch_size,
+            eval_method=args.eval_method,
             eval_before=args.eval_before,
             dtype=args.dtype,
             name=args.name,

