@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,13 @@ def record(name: str, metrics: dict, task: str = "t", **extra) -> dict:
         "task": task,
         "model": "tiny & co",
         "metrics": metrics,
-        "protocol": {"split": "test", "n_examples": 50, "shots": 0, "config": {"x": 1}},
+        "protocol": {
+            "split": "test",
+            "eval_split": "te_st",
+            "n_examples": 50,
+            "shots": 0,
+            "config": {"x": 1},
+        },
         "command": "python x.py",
         "git_commit": "0123456789abcdef0123456789abcdef01234567",
         "seed": 0,
@@ -120,6 +128,9 @@ def experiments(tmp_path) -> Path:
 
 def untex(text: str) -> str:
     text = text.strip()
+    rotated = re.fullmatch(r"\\rotatebox\{90\}\{(.*)\}", text, flags=re.S)
+    if rotated:
+        text = rotated.group(1)
     m = re.fullmatch(r"\\texttt\{(.*)\}", text, flags=re.S)
     if m:
         text = m.group(1)
@@ -168,7 +179,7 @@ def parse_markdown_tables(md: str) -> list[dict]:
     lines = md.splitlines()
     i = 0
     while i < len(lines):
-        if lines[i].startswith("| run |"):
+        if lines[i].startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
             header = split_cells(lines[i].strip("|"), "|")
             i += 2
             rows = []
@@ -176,7 +187,7 @@ def parse_markdown_tables(md: str) -> list[dict]:
                 rows.append(split_cells(lines[i].strip()[1:-1], "|"))
                 i += 1
             sources = {}
-            while i < len(lines) and not lines[i].startswith("| run |") and not lines[i].startswith("#"):
+            while i < len(lines) and not lines[i].startswith("**") and not lines[i].startswith("#"):
                 m = re.match(r"- (S\d+): `(.*?)` \(", lines[i])
                 if m:
                     sources[m.group(1)] = m.group(2)
@@ -226,23 +237,29 @@ def resolve(metrics, path: str):
 
 
 def cells_of(table: dict):
-    """Yield (source path, metric path, cell text) for every value cell of a parsed table."""
+    """Yield (source path, metric path, cell text) for every value cell of a parsed table.
+
+    Layout: [run] [group|metric] values... [src]; run and src columns exist only for multi-source tables."""
     header, fmt = table["header"], table["format"]
-    has_group = header[1] in ("group", "metric")
-    long = header[1] == "metric"
-    first_value = 2 if has_group else 1
+    has_run, has_src = header[0] == "run", header[-1] == "src"
+    assert has_run == has_src, header
+    if not has_src:
+        assert len(table["sources"]) == 1, table["sources"]
+    g = int(has_run)
+    has_group = header[g] in ("group", "metric")
+    long = header[g] == "metric"
+    first_value, end = g + has_group, len(header) - has_src
     for row in table["rows"]:
         assert len(row) == len(header), (header, row)
-        tag = row[-1]
-        source = table["sources"][tag]
+        source = table["sources"][row[-1]] if has_src else next(iter(table["sources"].values()))
         group = ""
         if has_group:
-            g = row[1]
+            cell = row[g]
             if fmt == "md":
-                group = "" if g == rt.TOP_GROUP_TEXT else g.strip("`")
+                group = "" if cell == rt.TOP_GROUP_TEXT else cell.strip("`")
             else:
-                group = "" if g == r"$\cdot$" else untex(g)
-        for col, text in zip(header[first_value:-1], row[first_value:-1]):
+                group = "" if cell == r"$\cdot$" else untex(cell)
+        for col, text in zip(header[first_value:end], row[first_value:end]):
             yield source, group if long else group + col, text
 
 
@@ -407,3 +424,30 @@ def test_real_experiments_folder_round_trips():
     expected = {(r.path, p) for r in records for p in numeric_leaves(r.record["metrics"])}
     assert check_tables(tex_tables, REPO_ROOT) == expected
     assert check_tables(md_tables, REPO_ROOT) == expected
+
+
+def test_generated_latex_compiles(experiments, tmp_path):
+    """Every generated section (awkward names, keys and protocol fields included) typesets with the report's
+    style file. Skips without pdflatex (the build script installs it; the other tests need no TeX)."""
+    kpse = shutil.which("kpsewhich")
+    found = kpse and subprocess.run([kpse, "booktabs.sty"], capture_output=True, text=True).stdout.strip()
+    if shutil.which("pdflatex") is None or not found:
+        pytest.skip("pdflatex not installed (python scripts/build_report.py installs it)")
+    build = tmp_path / "build"
+    files = rt.write_generated(experiments, build / "generated")
+    shutil.copyfile(REPO_ROOT / "report" / "modernllm.sty", build / "modernllm.sty")
+    body = "\n".join(rf"\input{{generated/{key}}}" for key in files.sections)
+    (build / "t.tex").write_text(
+        "\\documentclass[11pt,twocolumn]{article}\\usepackage{modernllm}\\graphicspath{{generated/}}\n"
+        f"\\begin{{document}}\n{body}\n\\input{{generated/provenance}}\n\\end{{document}}\n"
+    )
+    proc = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"],
+        cwd=build,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (build / "t.pdf").stat().st_size > 1000

@@ -47,6 +47,7 @@ from modern_llm.utils.records import RECORD_KEYS
 
 MAX_COLS = 6  # value columns per table (a two-column-wide table* holds about this many)
 MAX_ROWS = 18
+ROTATE_FROM = 4  # value columns from which LaTeX headers are set vertically
 SIGNIFICANT = 4
 MISSING = object()  # the record has no value at this path (rendered "–"); distinct from null ("n/a")
 MISSING_TEXT = "–"
@@ -389,17 +390,26 @@ def source_facts(record: dict[str, Any]) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------- renderers
 
 
+def _text_columns(table: Table) -> tuple[bool, bool]:
+    """(show the run column, show the src column): both are dropped when one record fills the whole table
+    (its name and file are then in the single source note S1)."""
+    multi = len(table.sources) > 1
+    return multi, multi
+
+
 def table_to_markdown(table: Table) -> str:
-    head = ["run", *(["metric" if table.long else "group"] if table.has_groups else [])]
-    head += [md_escape(c) for c in table.columns] + ["src"]
-    align = ["---"] * (len(head) - len(table.columns) - 1) + ["---:"] * len(table.columns) + ["---"]
+    show_run, show_src = _text_columns(table)
+    head = (["run"] if show_run else []) + (["metric" if table.long else "group"] if table.has_groups else [])
+    n_text = len(head)
+    head += [md_escape(c) for c in table.columns] + (["src"] if show_src else [])
+    align = ["---"] * n_text + ["---:"] * len(table.columns) + (["---"] if show_src else [])
     lines = [f"**{md_escape(table.title)}**", "", "| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     for row in table.rows:
-        cells = [md_escape(row.run)]
+        cells = [md_escape(row.run)] if show_run else []
         if table.has_groups:
             cells.append(f"`{md_escape(row.group)}`" if row.group else TOP_GROUP_TEXT)
         cells += [format_value_text(v) for v in row.values]
-        cells.append(row.tag)
+        cells += [row.tag] if show_src else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Sources:"]
     for tag, src in table.sources.items():
@@ -408,15 +418,23 @@ def table_to_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tex_header(column: str, rotate: bool) -> str:
+    return rf"\rotatebox{{90}}{{{tex_code(column)}}}" if rotate else tex_code(column)
+
+
 def table_to_latex(table: Table) -> str:
-    n_text = 2 + table.has_groups
+    """A booktabs table (``table*`` across both columns when wide) with its source note underneath.
+
+    Value-column headers are set vertically from ``ROTATE_FROM`` columns on, so long metric names do not force
+    the table to shrink to an unreadable size."""
+    show_run, show_src = _text_columns(table)
+    head = (["run"] if show_run else []) + (["metric" if table.long else "group"] if table.has_groups else [])
+    n_text = len(head) + show_src
     wide = len(table.columns) + n_text > 5
     env = "table*" if wide else "table"
-    spec = "l" * (n_text - 1) + "r" * len(table.columns) + "l"
-    head = ["run"]
-    if table.has_groups:
-        head.append("metric" if table.long else "group")
-    head += [tex_code(c) for c in table.columns] + ["src"]
+    spec = "l" * len(head) + "r" * len(table.columns) + ("l" if show_src else "")
+    rotate = len(table.columns) >= ROTATE_FROM
+    head += [_tex_header(c, rotate) for c in table.columns] + (["src"] if show_src else [])
     lines = [
         rf"\begin{{{env}}}[tbp]",
         r"\centering\small",
@@ -429,16 +447,16 @@ def table_to_latex(table: Table) -> str:
         r"\midrule",
     ]
     for row in table.rows:
-        cells = [tex_code(row.run)]
+        cells = [tex_code(row.run)] if show_run else []
         if table.has_groups:
             cells.append(tex_code(row.group) if row.group else TOP_GROUP_TEXT.replace("·", r"$\cdot$"))
         cells += [format_value_tex(v) for v in row.values]
-        cells.append(row.tag)
+        cells += [row.tag] if show_src else []
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}}", r"\par\smallskip", r"{\footnotesize\raggedright"]
     notes = []
     for tag, src in table.sources.items():
-        facts = "; ".join(f"{k} {tex_escape(v)}" for k, v in source_facts(src.record))
+        facts = "; ".join(f"{tex_escape(k)} {tex_escape(v)}" for k, v in source_facts(src.record))
         notes.append(rf"\textbf{{{tag}}}: {tex_code(src.path)} ({tex_code(src.name)}; {facts}).")
     lines += [r"Sources: " + " ".join(notes) + r"\par}", rf"\end{{{env}}}"]
     return "\n".join(lines) + "\n"
