@@ -158,6 +158,15 @@ def test_accuracy_vs_n_bookkeeping_on_hand_made_samples():
         tt.accuracy_vs_n(runs, [1])
 
 
+def test_scorer_quality_uses_stored_scores_or_the_score_function():
+    q = tt.scorer_quality(hand_runs(with_scores=True), lambda q, s: 1 / 0)  # stored scores: fn never called
+    # right: 0.2, 0.9; wrong: 0.95, 0.1, 0.5 x4 -> 6 of the 12 (right, wrong) pairs ordered correctly.
+    assert q["auc"] == pytest.approx(0.5) and q["mean_score_right"] == pytest.approx(0.55)
+    assert q["positive_rate"] == pytest.approx(2 / 8) and q["n"] == 8
+    perfect = tt.scorer_quality(hand_runs(with_scores=False), lambda q, s: float(s == "#### 1"))
+    assert perfect["auc"] == 1.0 and perfect["mean_score_wrong"] == 0.0
+
+
 def test_agreement_scorer_and_score_pairs():
     runs = hand_runs(with_scores=False)
     task = get_task("arithmetic")
@@ -331,7 +340,7 @@ def test_run_experiment_end_to_end_writes_record_and_plot(model, tok, tmp_path):
     assert set(revise["revise"]) == {"greedy", "best_of_n"} and len(revise["rounds"]["greedy"]) == 1
     # Every record is table-shaped for the report: one table, no long form.
     records, skipped = rt.load_records(exp)
-    assert not skipped and len(records) == 4
+    assert not skipped and len(records) == 5  # grid, revise, format, tool, scorer
     for rec in records:
         tables = rt.tables_for_records([rec], "tt")
         assert tables and not any(t.long for t in tables), rec.path

@@ -260,6 +260,29 @@ def attach_scores(runs: Sequence[QuestionRun], score_fn: ScoreFn) -> None:
         a.score = s
 
 
+def scorer_quality(runs: Sequence[QuestionRun], score_fn: ScoreFn) -> dict[str, float]:
+    """How well scores separate right from wrong sampled attempts: ROC-AUC and mean score per class.
+
+    Uses the attempts' stored scores when present (no second scoring pass), else ``score_fn``.
+    """
+    attempts = [a for r in runs for a in r.samples]
+    if any(a.score is None for a in attempts):
+        questions = [r.prompt for r in runs for _ in r.samples]
+        scores = score_pairs(score_fn, questions, [a.text for a in attempts])
+    else:
+        scores = [float(a.score) for a in attempts]  # type: ignore[arg-type]
+    labels = [int(a.correct) for a in attempts]
+    right = [s for s, y in zip(scores, labels) if y]
+    wrong = [s for s, y in zip(scores, labels) if not y]
+    return {
+        "auc": metrics.roc_auc(labels, scores) if right and wrong else math.nan,
+        "mean_score_right": float(np.mean(right)) if right else math.nan,
+        "mean_score_wrong": float(np.mean(wrong)) if wrong else math.nan,
+        "positive_rate": len(right) / len(attempts),
+        "n": float(len(attempts)),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 
 
@@ -978,6 +1001,9 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
             score_fn=score_fn,
         )
         results[condition] = _condition_summary(runs, cfg) | {"sampling_s": round(time.time() - t_cond, 1)}
+        if cfg.score != "none":
+            quality_fn = score_fn if score_fn is not None else agreement_scorer(runs, task)
+            results[condition]["scorer"] = scorer_quality(runs, quality_fn)
         all_runs[condition] = runs
         _write_samples(Path(cfg.samples_dir) / cfg.name / f"{condition}.jsonl", runs)
         log.info("%s: %s", condition, _headline(results[condition]))
@@ -1041,7 +1067,8 @@ def record_payloads(results: dict[str, Any], revise: dict[str, Any]) -> dict[str
 
     ``""``: accuracy of every method and generated tokens per question, one column per N ("N=1", ...);
     ``"-revise"``: the revise-and-retry summary per target (per-round logs and examples as lists);
-    ``"-format"``: format violations / strict accuracy per condition; ``"-tool"``: calculator usage.
+    ``"-format"``: format violations / strict accuracy per condition; ``"-tool"``: calculator usage;
+    ``"-scorer"``: how well the scores (verifier or agreement) separate right from wrong samples.
     Each record's rows share one set of columns, so ``evaluation.report_tables`` renders it as one table.
     """
     accuracy: dict[str, Any] = {}
@@ -1065,6 +1092,8 @@ def record_payloads(results: dict[str, Any], revise: dict[str, Any]) -> dict[str
         "-format": {"format": {c: r["format"] for c, r in results.items()}},
         "-tool": {"calculator": {c: r["calculator"] for c, r in results.items()}},
     }
+    if any("scorer" in r for r in results.values()):
+        payloads["-scorer"] = {"scorer": {c: r["scorer"] for c, r in results.items() if "scorer" in r}}
     targets = {k: v for k, v in revise.items() if isinstance(v, dict)}
     if targets:
         payloads["-revise"] = {
