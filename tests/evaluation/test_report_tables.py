@@ -297,7 +297,7 @@ def numeric_leaves(metrics, prefix=""):
             yield from numeric_leaves(v, path + ".")
         elif v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)):
             yield path
-        elif isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+        elif isinstance(v, list) and len(v) == 2 and all(type(x) in (int, float) for x in v):
             yield path  # noqa: SIM114 - a (mean, std) pair, kept apart from the scalar case for clarity
 
 
