@@ -29,6 +29,9 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q
 
+report: $(STAMP)
+	$(BIN)/python scripts/build_report.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
