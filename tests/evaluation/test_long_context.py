@@ -182,6 +182,30 @@ def test_length_metrics_pool_prefixes_and_count_decoded_bytes():
     )
 
 
+def test_attention_stats_index_eos_columns_after_the_learnable_sinks():
+    from modern_llm.evaluation.attention_viz import modern_attention_maps
+    from modern_llm.evaluation.long_context import ModelUnderTest, attention_sink_stats
+
+    class Tok:  # only the eos id is read
+        eos_token_id = 0
+
+    model = make_model(n_sinks=2)
+    streams = torch.randint(1, VOCAB, (2, 12))
+    streams[:, 0] = 0
+    streams[0, [3, 7]] = 0
+    streams[1, 9] = 0
+    stats = attention_sink_stats(ModelUnderTest("learned_sink", model, Tok(), None, 10, {}), streams)
+    assert stats["tokens"] == 10
+    expected, uniform = [], []
+    for ids, eos_at in ((streams[0], [3, 7]), (streams[1], [9])):
+        probs = modern_attention_maps(model, ids[:10])  # (L, H, 10, 2 + 10)
+        expected.append(probs[..., [2 + p for p in eos_at]].sum(-1)[:, :, 1:].mean(dim=(1, 2)))
+        uniform.append(sum(sum(p <= i for p in eos_at) / (2 + i + 1) for i in range(1, 10)) / 9)
+    torch.testing.assert_close(torch.tensor(stats["later_eos_mass_per_layer"]), torch.stack(expected).mean(0))
+    assert stats["later_eos_mass_uniform"] == pytest.approx(sum(uniform) / 2)
+    assert len(stats["sink_mass_per_layer"]) == 2 and stats["sink_mass_uniform"] > 0
+
+
 def test_moving_average_is_trailing():
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
 
@@ -266,6 +290,11 @@ def test_end_to_end_trains_both_models_writes_record_and_reuses_runs(tmp_path):
     assert models["no_sink"]["n_sinks"] == 0 and models["learned_sink"]["n_sinks"] == 1
     assert models["no_sink"]["tokenizer_hash"] == models["learned_sink"]["tokenizer_hash"]
     assert models["no_sink"]["eos_per_stream"]["newline"] == 1.0  # only the stream's first token
+    for variant, n_sinks in (("no_sink", 0), ("learned_sink", 1)):
+        attention = models[variant]["attention"]["newline"]
+        assert len(attention["first_token_mass_per_layer"]) == 2
+        assert all(0.0 <= x <= 1.0 for x in attention["first_token_mass_per_layer"])
+        assert ("sink_mass_per_layer" in attention) == bool(n_sinks)
     out = tmp_path / "experiments" / "long_context"
     assert (out / "tiny-lc_ppl_vs_length.png").stat().st_size > 0
     assert (out / "tiny-lc_nll_vs_position.png").stat().st_size > 0

@@ -155,7 +155,7 @@ class LongContextConfig:
     no_sink_run: str | None = None  # reuse this run/checkpoint folder instead of training the plain model
     learned_sink_run: str | None = None  # ... and this one instead of training the learnable-sink model
     eval: LongContextEvalConfig = field(default_factory=LongContextEvalConfig)
-    threads: int = 2  # torch CPU threads (the machine is shared)
+    threads: int = 1  # torch CPU threads: on a shared 2-core box, 2 threads made decoding steps ~25x slower
     log: bool = True  # append a dated entry to experiments/LOG.md
 
     def __post_init__(self) -> None:
@@ -521,6 +521,41 @@ def evaluate_model(
     return metrics, curves
 
 
+def attention_sink_stats(mut: ModelUnderTest, streams: torch.Tensor) -> dict[str, Any]:
+    """Where attention goes inside the training context: per layer, the mass on the first token, on <eos>
+    tokens after it and on the learnable sinks, each with the uniform-attention baseline, mean over streams.
+
+    A model whose window-only cache does not blow up may simply never have learned a first-token sink; these
+    numbers say whether it did (StreamingLLM: most mass on token 0 in all but the first layers).
+    """
+    from modern_llm.evaluation.attention_viz import modern_attention_maps, sink_summary
+
+    T = min(mut.train_context, streams.shape[1])
+    n_sinks = mut.model.config.n_sinks
+    eos = mut.tokenizer.eos_token_id
+    per_stream, eos_mass, eos_uniform = [], [], []
+    for ids in streams[:, :T]:
+        probs = modern_attention_maps(mut.model, ids)  # (L, H, T, n_sinks + T)
+        per_stream.append(sink_summary(probs, n_sinks, n_first=1))
+        later_eos = torch.nonzero(ids[1:] == eos).flatten() + 1  # <eos> positions other than token 0
+        if later_eos.numel():
+            cols = n_sinks + later_eos
+            eos_mass.append(probs[..., cols].sum(-1)[:, :, 1:].mean(dim=(1, 2)))  # (L,), queries i >= 1
+            eos_uniform.append(
+                sum(float((later_eos <= i).sum()) / (n_sinks + i + 1) for i in range(1, T)) / (T - 1)
+            )
+    out: dict[str, Any] = {"tokens": T}
+    for key, value in per_stream[0].items():
+        if isinstance(value, list):
+            out[key] = torch.tensor([s[key] for s in per_stream]).mean(dim=0).tolist()
+        else:
+            out[key] = float(np.mean([s[key] for s in per_stream]))
+    if eos_mass:
+        out["later_eos_mass_per_layer"] = torch.stack(eos_mass).mean(dim=0).tolist()
+        out["later_eos_mass_uniform"] = float(np.mean(eos_uniform))
+    return out
+
+
 def _pyplot():
     import matplotlib
 
@@ -602,7 +637,9 @@ def plot_nll_vs_position(curves: dict, train_context: int, smooth: int, out_png:
     return out_png
 
 
-def describe_results(metrics: dict, lengths: list[int], train_context: int) -> tuple[str, str]:
+def describe_results(
+    metrics: dict, lengths: list[int], train_context: int, attention: dict | None = None
+) -> tuple[str, str]:
     """(result, meaning) text for the log, from the numbers: tail PPL at max(L) vs at the training context.
 
     Verdict per method: "blows up" (> x1.5), "degrades" (x1.1 - x1.5) or "stays flat" (< x1.1).
@@ -626,6 +663,18 @@ def describe_results(metrics: dict, lengths: list[int], train_context: int) -> t
         + "; ".join(verdicts)
         + ". StreamingLLM predicts no_sink/window blows up while no_sink/sink stays flat and dense degrades."
     )
+    for variant, per_sep in (attention or {}).items():
+        sep = "newline" if "newline" in per_sep else next(iter(per_sep))
+        stats = per_sep[sep]
+        first = ", ".join(f"{x:.2f}" for x in stats.get("first_token_mass_per_layer", []))
+        meaning += (
+            f" {variant} attention to token 0 per layer [{first}] "
+            f"(uniform {stats.get('first_token_mass_uniform', float('nan')):.2f}, {sep} streams)"
+        )
+        if "sink_mass_per_layer" in stats:
+            sinks = ", ".join(f"{x:.2f}" for x in stats["sink_mass_per_layer"])
+            meaning += f", to its learnable sink(s) [{sinks}]"
+        meaning += "."
     return "; ".join(parts), meaning
 
 
@@ -662,6 +711,7 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
             "train_val_bpb": mut.train_summary.get("eval/bpb"),
             "train_steps": mut.train_summary.get("step"),
             "model_config": config_to_dict(mut.model.config),
+            "attention": {sep: attention_sink_stats(mut, streams[sep]) for sep in cfg.eval.separators},
         } | data_info
     eval_s = time.time() - t_eval
 
@@ -727,7 +777,8 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
         command=command,
     )
     if cfg.log:
-        result, meaning = describe_results(metrics, cfg.eval.lengths, train_context)
+        attention = {variant: info["attention"] for variant, info in per_model.items()}
+        result, meaning = describe_results(metrics, cfg.eval.lengths, train_context, attention)
         append_log(
             f"long-context ({cfg.name})",
             what=f"PPL/bpb vs stream length {cfg.eval.lengths} (training context {train_context}) for "
