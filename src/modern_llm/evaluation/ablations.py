@@ -1,10 +1,11 @@
 """Architecture and pipeline ablations: each variant x several seeds, mean ± std, CSV + JSON record + plots.
 
-    modern-llm ablate --config configs/ablations/lm-cpu.yaml                       # the CPU study
-    modern-llm ablate --config configs/ablations/lm-cpu.yaml --set train.max_steps=20 --seeds 0
-    modern-llm ablate --base-config configs/lm/tiny-embedded.yaml --no-rope --gqa --moe \
+    python scripts/run_ablations.py --config configs/ablations/lm-cpu.yaml          # the CPU study
+    python scripts/run_ablations.py --config configs/ablations/lm-cpu.yaml --set train.max_steps=20 --seeds 0
+    python scripts/run_ablations.py --base-config configs/lm/tiny-embedded.yaml --no-rope --gqa --moe \
         --variant wide-ffn:d_ff=768 --variant learned:pos_encoding=learned
-    modern-llm ablate --alignment-config configs/alignment/<file>.yaml --no-dpo --no-verifier
+    python scripts/run_ablations.py --alignment-config configs/alignment/arithmetic_scratch.yaml \
+        --no-dpo --no-verifier            # or --alignment-record <existing pipeline record JSON>
 
 A *variant* is a name plus dotted config overrides applied to one base ``LMRunConfig`` (the train-lm stage):
 ``baseline`` has none. Built-in toggles build the overrides from the resolved base config:
@@ -432,6 +433,8 @@ def _mean_curve(run_dirs: list[Path], key: str) -> tuple[list[float], list[float
 
 def plot_ablation_curves(runs: dict[str, list[Path]], out_png: Path, title: str = "") -> Path:
     """Train loss (line, ± std band) and val loss (dashed, markers) per variant, averaged over seeds."""
+    from matplotlib.ticker import FormatStrFormatter
+
     from modern_llm.evaluation.plots import plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -455,9 +458,12 @@ def plot_ablation_curves(runs: dict[str, list[Path]], out_png: Path, title: str 
                 label=f"{name} val",
             )
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("cross-entropy (nats/token, log scale)")
+    ax.set_yscale("log")  # the variants separate late, at low loss
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -562,7 +568,8 @@ def _cell(value: Any) -> Any:
 
 
 def _pm(pair: list[float] | None, fmt: str = ".4f") -> str:
-    return "–" if not pair else f"{pair[0]:{fmt}} ± {pair[1]:{fmt}}"
+    """``mean ± std``; a "+" in ``fmt`` signs the mean only (a std is never negative)."""
+    return "–" if not pair else f"{pair[0]:{fmt}} ± {pair[1]:{fmt.lstrip('+')}}"
 
 
 def markdown_table(summary: dict, deltas: dict, variants: list[Variant], batch_sizes: list[int]) -> str:
