@@ -5,7 +5,7 @@
 
 Same tiny Hugging Face Llama (random init, built here and saved once), same tokenizer, same preference
 pairs (explicit {"prompt", "chosen", "rejected"} text, no chat template), same batch size, beta, learning
-rate, AdamW, fp32 on CPU (TRL needs ``bf16=False`` there), and both with reference log-probs precomputed
+rate, AdamW (betas 0.9/0.999, no weight decay, no clipping, constant LR), fp32 on CPU (TRL needs ``bf16=False`` there), and both with reference log-probs precomputed
 once before training (TRL: ``precompute_ref_log_probs=True``), so each step is one policy forward/backward
 over the stacked chosen+rejected batch plus an optimizer step.
 
@@ -116,6 +116,7 @@ def run_ours(model_dir: Path, pairs, args, out_dir: Path) -> dict[str, float]:
         warmup_steps=0,
         scheduler="constant",
         weight_decay=0.0,
+        betas=(0.9, 0.999),  # transformers' AdamW defaults, which TRL uses
         grad_clip=0.0,
         log_every=1,
         progress=False,
@@ -289,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "beta": args.beta,
         "lr": args.lr,
+        "optimizer": "AdamW betas (0.9, 0.999), no weight decay, no grad clipping, constant LR (both)",
+        "final_loss_note": "last logged step's loss; data orders differ between the two trainers",
         "reference": "precomputed once before training (both)",
         "dtype": "fp32",
         "torch_threads": args.threads,

@@ -181,3 +181,20 @@ def test_cli_on_an_hh_rlhf_style_file(tmp_path, tok):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_sft_weight_adds_the_chosen_per_token_nll(tok):
+    model = _native()
+    items = encode_pairs(PAIRS[:4], tok, max_length=64, chat=True)
+    precompute_reference_logps(model, items, tok.pad_token_id)
+    batch = DPOCollator(tok.pad_token_id)(items)
+    loss, metrics = make_dpo_loss(DPOConfig(beta=0.1, sft_weight=0.5))(model, batch)
+    # the chosen rows are the first half of the batch; their per-token NLL by hand
+    with torch.no_grad():
+        logits = model(batch["input_ids"][:4]).logits
+    targets = next_token_targets(batch["labels"][:4])
+    per_token = -sequence_logprobs(logits, targets) / (targets != -100).sum(1)
+    assert float(metrics["nll/chosen"]) == pytest.approx(float(per_token.mean()), rel=1e-5)
+    assert loss.item() == pytest.approx(0.6931472 + 0.5 * float(per_token.mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="sft_weight"):
+        DPOConfig(sft_weight=-1.0)

@@ -14,6 +14,9 @@ Design choices
   TRL's choice for a fresh adapter.
 - One forward per step: chosen and rejected sequences are stacked into one (2B, T) batch, chosen first.
 - Eval with held-out pairs gives ``eval/rewards/accuracy`` etc. through the trainer's generic eval.
+- ``sft_weight`` adds the chosen completion's per-token NLL to the loss (RPO; Pang et al., 2024, "Iterative
+  Reasoning Preference Optimization"): on math pairs plain DPO tends to push the chosen log-probs down along
+  with the rejected ones, and the NLL term keeps the chosen solutions likely.
 
 Footguns
 - Reference and policy log-probs must come from the same encoding; changing ``max_length`` or the chat
@@ -66,6 +69,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # "sigmoid" (DPO/cDPO) | "ipo"
     ipo_length_normalize: bool = True  # IPO on per-token log-ratios (TRL's convention)
     reference: str = "policy"  # "policy" (the starting model) | "adapter_disabled" (LoRA base)
+    sft_weight: float = 0.0  # + weight * chosen per-token NLL (RPO); 0 = plain DPO
     max_length: int = 512
     chat: bool = True  # render message prompts with the chat template (else HH "Human:/Assistant:" text)
 
@@ -78,6 +82,8 @@ class DPOConfig:
             raise ValueError(f"dpo.loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ValueError(f"dpo.sft_weight must be >= 0 (0 = plain DPO), got {self.sft_weight}")
 
 
 @dataclass
@@ -221,7 +227,12 @@ def make_dpo_loss(cfg: DPOConfig):
             "logps/chosen": chosen.detach().mean(),
             "logps/rejected": rejected.detach().mean(),
         }
-        return out.losses.mean(), metrics
+        loss = out.losses.mean()
+        if cfg.sft_weight > 0:
+            nll = -(chosen / chosen_len.clamp(min=1)).mean()  # mean per-token NLL of the chosen completions
+            loss = loss + cfg.sft_weight * nll
+            metrics["nll/chosen"] = nll.detach()
+        return loss, metrics
 
     return dpo_loss_fn
 
