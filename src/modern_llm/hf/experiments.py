@@ -71,6 +71,7 @@ TASK_METRICS = {
     "samsum": ("rougeL", "rouge1", "rouge2"),
 }
 METRIC_LABELS = {"accuracy": "accuracy", "no_answer_rate": "no answer", "f1": "F1"}
+DERIVED_LABELS = {"predicted_positive": "predicted 'positive'"}  # from predictions files, see load_records
 TASK_TITLES = {
     "sst2": "SST-2 (sentiment; accuracy / F1 of 'positive')",
     "gsm8k": "GSM8K (exact match of the final number)",
@@ -350,15 +351,32 @@ def run_plan(cfg: HFExperimentsConfig, models: _ModelCache) -> dict[str, Callabl
 # ---------------------------------------------------------------------------------------------- reading records
 
 
+def predicted_positive_rate(predictions: Path) -> float | None:
+    """Share of SST-2 predictions that are "positive" (label 1), from a run's predictions JSONL."""
+    if not predictions.is_file():
+        return None
+    labels = [json.loads(line)["extracted"] for line in predictions.read_text().splitlines() if line.strip()]
+    return sum(label == 1 for label in labels) / len(labels) if labels else None
+
+
 def load_records(record_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Records of this module's runs found in ``record_dir``, by run name."""
+    """Records of this module's runs found in ``record_dir``, by run name.
+
+    Each gets a ``derived`` dict computed from its committed predictions file (SST-2: ``predicted_positive``,
+    which exposes a scorer that always answers one class), so derived numbers are generated, not typed.
+    """
     from modern_llm.utils.records import read_record
 
     found = {}
     for name in RUNS:
         path = Path(record_dir) / f"{name}.json"
         if path.is_file():
-            found[name] = read_record(path)
+            record = read_record(path)
+            record["derived"] = {}
+            if record["task"] == "sst2":
+                rate = predicted_positive_rate(Path(record_dir) / "predictions" / f"{name}.jsonl")
+                record["derived"]["predicted_positive"] = rate
+            found[name] = record
     return found
 
 
@@ -410,6 +428,8 @@ def describe_result(name: str, records: dict[str, dict[str, Any]]) -> tuple[str,
     task = record["task"]
     metrics = TASK_METRICS[task]
     result = ", ".join(f"{m} {_fmt(record['metrics'].get(m))}%" for m in metrics)
+    for key, value in record.get("derived", {}).items():
+        result += f", {DERIVED_LABELS[key]} {_fmt(value)}%"
     result += f" on {_eval_set(record)}; {record['duration_s']:.0f} s on {record['device']}"
     headline = metrics[0]
     value = record["metrics"].get(headline)
@@ -456,11 +476,15 @@ def summary_markdown(records: dict[str, dict[str, Any]]) -> str:
         missing = [n for n in RUNS if n.startswith(f"{task}-") and n not in records]
         lines += [f"## {title}", ""]
         metrics = TASK_METRICS[task]
+        derived = sorted({k for _, rec in rows for k in rec.get("derived", {})})
         header = ["run", "method", "trained on", "evaluated on"] + [METRIC_LABELS.get(m, m) for m in metrics]
-        lines += ["| " + " | ".join(header + ["wall time"]) + " |", "|" + "---|" * (len(header) + 1)]
+        header += [DERIVED_LABELS[k] for k in derived]
+        if rows:
+            lines += ["| " + " | ".join(header + ["wall time"]) + " |", "|" + "---|" * (len(header) + 1)]
         for name, rec in rows:
             cells = [f"`{name}`", _method_of(rec), _train_set(rec), _eval_set(rec)]
             cells += [_fmt(rec["metrics"].get(m)) for m in metrics]
+            cells += [_fmt(rec["derived"].get(k)) for k in derived]
             cells.append(f"{rec['duration_s'] / 60:.1f} min")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -14,12 +14,16 @@ Design choices
   ``training.train_sft``, reused). Seq2seq models (T5) train on ``seq2seq_source`` -> target with the model's
   own cross-entropy. Both return ``n_tokens`` so the trainer's eval reports target-token loss/PPL too.
 - Classification (SST-2) is finetuned as generation of the label word: the same prompt format as the
-  baselines, graded by the same extraction, no new head to initialise.
+  baselines, no new head to initialise. ``eval_method="verbalizer"`` grades it by comparing the label words'
+  next-token logits (one forward per example, the baselines' scorer); "generate" parses generated text,
+  which for causal LMs runs through the project's engine (``hf.prompting_baselines.generate_texts``).
 - Split syntax ``name[a:b]`` takes a slice of a split; with the same split for train and eval the slices must
   not overlap (checked by example id). Needed for SAMSum here, where only the test split exists locally: the
   record's protocol carries both split strings, so the non-standard protocol is visible.
 - ``--eval-before`` (default on) grades the untouched model on the same examples first; both numbers land in
   the record (``before/...`` and the final ones).
+- Records carry ``protocol.weights``: for SmolLM2 that the base is the Q4_1 GGUF de-quantised to fp32 (and,
+  for QLoRA, re-quantised to NF4), and ``protocol.note`` for protocol caveats (e.g. training on a test slice).
 - Adapters are saved on their own (``<out_dir>/adapter``, a few MB, + tokenizer); full finetunes save a
   ``save_pretrained`` folder (``<out_dir>/final``). Trainer checkpoints keep only trainable tensors for LoRA.
 
