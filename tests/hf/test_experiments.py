@@ -76,6 +76,9 @@ def test_runner_writes_records_log_and_a_summary_generated_from_them(tiny_dirs, 
         row = next(line for line in summary.splitlines() if line.startswith(f"| `{name}`"))
         for metric in ex.TASK_METRICS[record["task"]]:
             assert f"| {100 * record['metrics'][metric]:.1f} |" in row + "|", (name, metric)
+        if record["task"] == "sst2":  # the share predicted "positive" comes from the predictions file
+            rate = ex.predicted_positive_rate(tmp_path / "rec" / "predictions" / f"{name}.jsonl")
+            assert f"| {100 * rate:.1f} |" in row
     assert "Not run yet: `sst2-qlora`" in summary and "Not run yet: `gsm8k-lora`" in summary
     # A second invocation skips what exists.
     before = (tmp_path / "rec" / "sst2-zeroshot.json").read_text()
@@ -122,3 +125,10 @@ def test_cli_help_list_and_bad_config(tiny_dirs, tmp_path, capsys):
         ex.main(["--runs", json.dumps(["nope"])])
     with pytest.raises(SystemExit):
         ex.main(["--bogus-knob", "1"])
+
+
+def test_predicted_positive_rate_from_predictions_file(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"extracted": e}) + "\n" for e in [1, 1, 0, None]))
+    assert ex.predicted_positive_rate(path) == 0.5  # an unparseable answer is not "positive"
+    assert ex.predicted_positive_rate(tmp_path / "missing.jsonl") is None
