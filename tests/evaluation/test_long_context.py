@@ -194,7 +194,8 @@ def test_attention_stats_index_eos_columns_after_the_learnable_sinks():
     streams[:, 0] = 0
     streams[0, [3, 7]] = 0
     streams[1, 9] = 0
-    stats = attention_sink_stats(ModelUnderTest("learned_sink", model, Tok(), None, 10, {}), streams)
+    mut = ModelUnderTest("learned_sink", model, Tok(), "tiny", 10, {})
+    stats = attention_sink_stats(mut, streams, LongContextEvalConfig())  # cache budget = training context 10
     assert stats["tokens"] == 10
     expected, uniform = [], []
     for ids, eos_at in ((streams[0], [3, 7]), (streams[1], [9])):
@@ -221,6 +222,9 @@ def test_moving_average_is_trailing():
         ({"eval.cache_budget": 4}, "eval.cache_budget"),
         ({"eval.n_streams": 0}, "eval.n_streams"),
         ({"learned_sinks": 0}, "learned_sinks"),
+        ({"variants": ["no_sink", "big"]}, "variants"),
+        ({"variants": []}, "variants"),
+        ({"hf_model": "some-model"}, "eval.cache_budget"),
         ({"lm.model.pos_encoding": "learned"}, "lm.model.pos_encoding"),
     ],
 )
@@ -248,6 +252,7 @@ def tiny_config(tmp_path, **overrides):
         "name": "tiny-lc",
         "out_dir": str(tmp_path / "experiments" / "long_context"),
         "lm.model.d_model": 32,
+        "lm.model.n_layers": 2,
         "lm.model.n_heads": 2,
         "lm.model.n_kv_heads": 1,
         "lm.model.max_seq_len": 16,
@@ -322,3 +327,47 @@ def test_end_to_end_trains_both_models_writes_record_and_reuses_runs(tmp_path):
     )
     with pytest.raises(ValueError, match="learned_sink_run"):
         run_experiment(swapped, command="swap")
+
+
+def test_pretrained_control_matches_hf_logits_and_runs_without_small_models(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modern_llm.evaluation.long_context import load_pretrained_control
+
+    tok = train_bpe_tokenizer(["Once upon a time there was a cat. " * 30, "The dog ran home. " * 30], 300)
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    folder = tmp_path / "tiny-llama"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    control = load_pretrained_control(str(folder), torch.device("cpu"))
+    assert control.variant == "pretrained" and control.train_context == 256
+    ids = torch.tensor(tok.encode("Once upon a time there was a cat. The dog ran home."))
+    with torch.no_grad():
+        ref = F.cross_entropy(hf(ids[None]).logits[0, :-1].float(), ids[1:], reduction="none")
+    torch.testing.assert_close(
+        stream_nll(control.model, ids, "dense", cache_budget=8), ref, atol=1e-4, rtol=1e-4
+    )
+
+    cfg = tiny_config(
+        tmp_path,
+        variants=[],
+        hf_model=str(folder),
+        log=False,
+        **{"eval.cache_budget": 8, "eval.methods": ["sink"]},
+    )
+    record = run_experiment(cfg, command="control")
+    assert set(record["metrics"]["eos"]) == {"pretrained"}
+    assert record["protocol"]["models"]["pretrained"]["cache_budget"] == 8
+    assert record["protocol"]["models"]["pretrained"]["tail_tokens"] == 4

@@ -74,24 +74,27 @@ DOC_SEPARATORS = ("eos", "newline")  # <eos> as in training | a blank line (no d
 
 
 def _default_lm() -> LMRunConfig:
-    """Small enough for ~2 CPU minutes per model; max_seq_len 64 so 512 tokens are 8x the training context."""
+    """= configs/long_context/embedded-cpu.yaml: ~4 CPU minutes per model; max_seq_len 64, so 512 = 8x."""
     from modern_llm.config.base import apply_overrides
 
     return apply_overrides(
         LMRunConfig(name="long-context"),
         {
             "model.d_model": 128,
-            "model.n_layers": 2,
+            "model.n_layers": 4,
             "model.n_heads": 4,
             "model.n_kv_heads": 2,
             "model.max_seq_len": 64,
-            "train.out_dir": "runs/long_context/embedded",
-            "train.max_steps": 300,
+            "train.out_dir": "runs/long_context/embedded-4l",
+            "train.max_steps": 600,
             "train.batch_size": 16,
             "train.lr": 0.003,
-            "train.warmup_steps": 30,
+            "train.warmup_steps": 50,
             "train.eval_batches": 16,
+            "train.save_every": 200,
+            "train.log_every": 50,
             "train.tensorboard": False,
+            "train.progress": False,
             "data.corpus": "embedded",
             "data.vocab_size": 2048,
             "sample.max_new_tokens": 40,
@@ -102,9 +105,7 @@ def _default_lm() -> LMRunConfig:
 @dataclass
 class LongContextEvalConfig:
     lengths: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # tokens per scored stream
-    n_streams: int = (
-        8  # streams of max(lengths) tokens; fewer are used (with a warning) if the split is short
-    )
+    n_streams: int = 8  # streams of max(lengths) tokens; fewer (with a warning) if the split is short
     split: str = "val"  # "val" | "test" (a corpus's test split, when it has one)
     separators: list[str] = field(default_factory=lambda: list(DOC_SEPARATORS))  # between documents
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -152,8 +153,12 @@ class LongContextConfig:
     out_dir: str = "experiments/long_context"  # record, curves JSON and PNGs: <out_dir>/<name>*.{json,png}
     lm: LMRunConfig = field(default_factory=_default_lm)  # both models; out dirs <lm.train.out_dir>/<variant>
     learned_sinks: int = 1  # model.n_sinks of the second model
+    variants: list[str] = field(default_factory=lambda: list(MODEL_VARIANTS))  # small models to train/reuse
     no_sink_run: str | None = None  # reuse this run/checkpoint folder instead of training the plain model
     learned_sink_run: str | None = None  # ... and this one instead of training the learnable-sink model
+    # Positive control: a pretrained Llama-architecture model (hf.registry name or folder) imported into
+    # ModernDecoderLM and scored as variant "pretrained". Its context is long, so eval.cache_budget must be set.
+    hf_model: str | None = None
     eval: LongContextEvalConfig = field(default_factory=LongContextEvalConfig)
     threads: int = 1  # torch CPU threads: on a shared 2-core box, 2 threads made decoding steps ~25x slower
     log: bool = True  # append a dated entry to experiments/LOG.md
@@ -172,6 +177,16 @@ class LongContextConfig:
             )
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        bad = [v for v in self.variants if v not in MODEL_VARIANTS]
+        if bad or not (self.variants or self.hf_model):
+            raise ValueError(
+                f"variants: unknown {bad or 'empty list and no hf_model'}; choose from {list(MODEL_VARIANTS)}"
+            )
+        if self.hf_model and self.eval.cache_budget is None:
+            raise ValueError(
+                "hf_model needs eval.cache_budget (e.g. 64): a pretrained model's own context (thousands of "
+                "tokens) is longer than the streams, so window/sink caches would never evict"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,8 +332,11 @@ def stream_nll(
             else:
                 kind, sinks, window = method_cache(method, cache_budget, n_sink)
                 if kind == "dense":  # one plain forward at positions 0..N-1: RoPE extrapolation past training
-                    logits = model(ids).logits[:, :-1]  # (S, N - 1, V)
-                    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+                    # one stream at a time: (S, N, V) logits of a 50k-vocab model would take gigabytes
+                    rows = [model(row[None]).logits[0, :-1].float() for row in ids]  # each (N - 1, V)
+                    nll = torch.stack(
+                        [F.cross_entropy(x, row[1:], reduction="none") for x, row in zip(rows, ids)]
+                    )
                 else:
                     nll = _cached_nll(model, ids, sinks, window)
     finally:
@@ -386,9 +404,15 @@ class ModelUnderTest:
     variant: str  # "no_sink" | "learned_sink"
     model: torch.nn.Module
     tokenizer: Any
-    checkpoint: Path
+    checkpoint: str  # checkpoint folder, or the hf_model name
     train_context: int
     train_summary: dict[str, Any]
+
+    def cache_budget(self, cfg: LongContextEvalConfig) -> int:
+        return cfg.cache_budget or self.train_context
+
+    def tail_tokens(self, cfg: LongContextEvalConfig) -> int:
+        return cfg.tail_tokens or max(1, self.cache_budget(cfg) // 2)
 
 
 def variant_lm_config(cfg: LongContextConfig, variant: str, tokenizer_dir: Path | None) -> LMRunConfig:
@@ -413,7 +437,7 @@ def obtain_models(cfg: LongContextConfig, device: torch.device) -> list[ModelUnd
 
     given = {"no_sink": cfg.no_sink_run, "learned_sink": cfg.learned_sink_run}
     models, tokenizer_dir = [], None
-    for variant in MODEL_VARIANTS:
+    for variant in cfg.variants:
         summary: dict[str, Any] = {}
         if given[variant]:
             source = Path(given[variant])
@@ -437,8 +461,23 @@ def obtain_models(cfg: LongContextConfig, device: torch.device) -> list[ModelUnd
                 f"{field_name}={source}: its model has n_sinks={model.config.n_sinks}, but the {variant} "
                 f"slot needs {'n_sinks >= 1' if want_sinks else 'n_sinks = 0'}"
             )
-        models.append(ModelUnderTest(variant, model, tokenizer, ckpt, model.config.max_seq_len, summary))
+        models.append(ModelUnderTest(variant, model, tokenizer, str(ckpt), model.config.max_seq_len, summary))
+    if cfg.hf_model:
+        models.append(load_pretrained_control(cfg.hf_model, device))
     return models
+
+
+def load_pretrained_control(name: str, device: torch.device) -> ModelUnderTest:
+    """A Hugging Face Llama-architecture model (``hf.registry`` name or folder) as a ModernDecoderLM."""
+    from modern_llm.hf.registry import load_model
+    from modern_llm.models.hf_convert import from_hf_model
+
+    hf_model, tokenizer = load_model(name, task="causal")
+    model = from_hf_model(hf_model).to(device).eval()  # same weights; our attention, so our caches apply
+    del hf_model
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"hf_model={name!r}: its tokenizer has no eos token to separate documents")
+    return ModelUnderTest("pretrained", model, tokenizer, name, model.config.max_seq_len, {})
 
 
 def eval_streams(cfg: LongContextConfig, tokenizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -497,8 +536,7 @@ def evaluate_model(
     mut: ModelUnderTest, streams: torch.Tensor, cfg: LongContextEvalConfig
 ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, list[float]]]:
     """-> ({method: {str(L): metrics}}, {method: per-position mean NLL over streams})."""
-    budget = cfg.cache_budget or mut.train_context
-    tail = cfg.tail_tokens or max(1, mut.train_context // 2)
+    budget, tail = mut.cache_budget(cfg), mut.tail_tokens(cfg)
     metrics, curves = {}, {}
     for method in cfg.methods:
         t0 = time.time()
@@ -521,8 +559,10 @@ def evaluate_model(
     return metrics, curves
 
 
-def attention_sink_stats(mut: ModelUnderTest, streams: torch.Tensor) -> dict[str, Any]:
-    """Where attention goes inside the training context: per layer, the mass on the first token, on <eos>
+def attention_sink_stats(
+    mut: ModelUnderTest, streams: torch.Tensor, cfg: LongContextEvalConfig
+) -> dict[str, Any]:
+    """Where attention goes within the first cache-budget tokens: per layer, the mass on the first token, on <eos>
     tokens after it and on the learnable sinks, each with the uniform-attention baseline, mean over streams.
 
     A model whose window-only cache does not blow up may simply never have learned a first-token sink; these
@@ -530,7 +570,7 @@ def attention_sink_stats(mut: ModelUnderTest, streams: torch.Tensor) -> dict[str
     """
     from modern_llm.evaluation.attention_viz import modern_attention_maps, sink_summary
 
-    T = min(mut.train_context, streams.shape[1])
+    T = min(mut.cache_budget(cfg), streams.shape[1])
     n_sinks = mut.model.config.n_sinks
     eos = mut.tokenizer.eos_token_id
     per_stream, eos_mass, eos_uniform = [], [], []
@@ -565,7 +605,7 @@ def _pyplot():
     return plt
 
 
-def plot_ppl_vs_length(metrics: dict, train_context: int, out_png: Path, title: str) -> Path:
+def plot_ppl_vs_length(metrics: dict, budget: int, out_png: Path, title: str) -> Path:
     """Rows = document separator; columns = all-token PPL, tail PPL vs stream length; log-log axes.
 
     ``metrics[separator][variant][method][str(L)]`` as in the record.
@@ -591,7 +631,7 @@ def plot_ppl_vs_length(metrics: dict, train_context: int, out_png: Path, title: 
                         marker="o",
                         label=f"{variant}/{method}",
                     )
-            ax.axvline(train_context, color="grey", linestyle=":", label="training context")
+            ax.axvline(budget, color="grey", linestyle=":", label="cache budget")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("stream length L (tokens)")
@@ -606,7 +646,7 @@ def plot_ppl_vs_length(metrics: dict, train_context: int, out_png: Path, title: 
     return out_png
 
 
-def plot_nll_vs_position(curves: dict, train_context: int, smooth: int, out_png: Path, title: str) -> Path:
+def plot_nll_vs_position(curves: dict, budget: int, smooth: int, out_png: Path, title: str) -> Path:
     """Rows = document separator, columns = model: moving-average NLL vs token position, one line per method.
 
     ``curves[separator][variant][method]`` = mean NLL over streams at each position.
@@ -623,7 +663,7 @@ def plot_nll_vs_position(curves: dict, train_context: int, smooth: int, out_png:
             for i, (method, curve) in enumerate(curves[sep][variant].items()):
                 xs = np.arange(1, len(curve) + 1)  # tokens of context before the predicted token
                 ax.plot(xs, moving_average(np.asarray(curve), smooth), color=f"C{i}", label=method)
-            ax.axvline(train_context, color="grey", linestyle=":", label="training context")
+            ax.axvline(budget, color="grey", linestyle=":", label="cache budget")
             ax.set_title(f"{variant}, {sep} between docs")
             ax.set_xlabel("token position (context length)")
             ax.grid(alpha=0.3)
@@ -638,14 +678,14 @@ def plot_nll_vs_position(curves: dict, train_context: int, smooth: int, out_png:
 
 
 def describe_results(
-    metrics: dict, lengths: list[int], train_context: int, attention: dict | None = None
+    metrics: dict, lengths: list[int], budget: int, attention: dict | None = None
 ) -> tuple[str, str]:
-    """(result, meaning) text for the log, from the numbers: tail PPL at max(L) vs at the training context.
+    """(result, meaning) text for the log, from the numbers: tail PPL at max(L) vs at L = the cache budget.
 
     Verdict per method: "blows up" (> x1.5), "degrades" (x1.1 - x1.5) or "stays flat" (< x1.1).
     """
     L_max = str(max(lengths))
-    L_ref = str(min(lengths, key=lambda n: abs(n - train_context)))
+    L_ref = str(min(lengths, key=lambda n: abs(n - budget)))
     parts, verdicts = [], []
     for sep, per_variant in metrics.items():
         for variant, per_method in per_variant.items():
@@ -659,9 +699,10 @@ def describe_results(
                 trend = "blows up" if ratio > 1.5 else "stays flat" if ratio < 1.1 else "degrades"
                 verdicts.append(f"[{sep}] {variant}/{method} {trend} (x{ratio:.2f})")
     meaning = (
-        f"Tail PPL at {L_max} tokens relative to {L_ref} (the training context): "
+        f"Tail PPL at {L_max} tokens relative to {L_ref} (the cache budget): "
         + "; ".join(verdicts)
-        + ". StreamingLLM predicts no_sink/window blows up while no_sink/sink stays flat and dense degrades."
+        + ". StreamingLLM: on a model whose attention piles onto token 0, window blows up once token 0 is "
+        "evicted while sink stays flat; dense degrades past the training context (RoPE extrapolation)."
     )
     for variant, per_sep in (attention or {}).items():
         sep = "newline" if "newline" in per_sep else next(iter(per_sep))
@@ -705,25 +746,28 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
             "n_sinks": mut.model.config.n_sinks,
             "params": mut.model.num_params(),
             "train_context": mut.train_context,
-            "cache_budget": cfg.eval.cache_budget or mut.train_context,
-            "tail_tokens": cfg.eval.tail_tokens or max(1, mut.train_context // 2),
+            "cache_budget": mut.cache_budget(cfg.eval),
+            "tail_tokens": mut.tail_tokens(cfg.eval),
             "train_val_ppl": mut.train_summary.get("eval/ppl"),
             "train_val_bpb": mut.train_summary.get("eval/bpb"),
             "train_steps": mut.train_summary.get("step"),
             "model_config": config_to_dict(mut.model.config),
-            "attention": {sep: attention_sink_stats(mut, streams[sep]) for sep in cfg.eval.separators},
+            "attention": {
+                sep: attention_sink_stats(mut, streams[sep], cfg.eval) for sep in cfg.eval.separators
+            },
         } | data_info
     eval_s = time.time() - t_eval
 
     out_dir = Path(cfg.out_dir)
     slug = cfg.name.replace("/", "_")
-    train_context = models[0].train_context
+    budget = models[0].cache_budget(cfg.eval)  # = every model's when eval.cache_budget is set
+    contexts = sorted({mut.train_context for mut in models})
     ppl_png = plot_ppl_vs_length(
-        metrics, train_context, out_dir / f"{slug}_ppl_vs_length.png", f"{cfg.name}: PPL vs stream length"
+        metrics, budget, out_dir / f"{slug}_ppl_vs_length.png", f"{cfg.name}: PPL vs stream length"
     )
     nll_png = plot_nll_vs_position(
         curves,
-        train_context,
+        budget,
         cfg.eval.smooth,
         out_dir / f"{slug}_nll_vs_position.png",
         f"{cfg.name}: per-token NLL (mean over streams)",
@@ -738,7 +782,8 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
         "tokenizer": cfg.lm.data.tokenizer
         if cfg.lm.data.tokenizer != "train"
         else "byte-level BPE trained on the train split (shared by both models)",
-        "context": train_context,
+        "context": contexts[0] if len(contexts) == 1 else contexts,
+        "cache_budget": budget,
         "lengths": cfg.eval.lengths,
         "stride": "each stream scored once; length L = the first L tokens of every stream",
         "streams": f"up to {cfg.eval.n_streams} streams of {max(cfg.eval.lengths)} tokens: <eos> doc SEP doc SEP "
@@ -766,7 +811,11 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
         record_path,
         name=cfg.name,
         task=f"long_context/{cfg.lm.data.corpus}",
-        model=f"ModernDecoderLM-{models[0].model.num_params() / 1e6:.2f}M (0 and {cfg.learned_sinks} learnable sinks)",
+        model="; ".join(
+            f"{m.variant}: ModernDecoderLM-{m.model.num_params() / 1e6:.2f}M, n_sinks={m.model.config.n_sinks}"
+            + (f" ({cfg.hf_model})" if m.variant == "pretrained" else "")
+            for m in models
+        ),
         metrics=metrics,
         protocol=protocol,
         seed=cfg.lm.train.seed,
@@ -778,10 +827,10 @@ def run_experiment(cfg: LongContextConfig, command: str | None = None) -> dict[s
     )
     if cfg.log:
         attention = {variant: info["attention"] for variant, info in per_model.items()}
-        result, meaning = describe_results(metrics, cfg.eval.lengths, train_context, attention)
+        result, meaning = describe_results(metrics, cfg.eval.lengths, budget, attention)
         append_log(
             f"long-context ({cfg.name})",
-            what=f"PPL/bpb vs stream length {cfg.eval.lengths} (training context {train_context}) for "
+            what=f"PPL/bpb vs stream length {cfg.eval.lengths} (training context {contexts}, cache budget {budget}) for "
             f"{', '.join(cfg.eval.methods)} ({cfg.eval.n_sink} sinks), on a plain model and one trained with "
             f"{cfg.learned_sinks} learnable sink(s); documents separated by {' / '.join(cfg.eval.separators)}; "
             f"record {record_path}",
