@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -177,6 +178,8 @@ def run(cfg: LMRunConfig) -> dict[str, Any]:
         return summary
     summary["sample"] = sample_text(trainer.model, tokenizer, cfg.sample)
     curve = plot_run_curves(Path(cfg.train.out_dir), cfg.name)
+    if cfg.record and curve is not None:  # the figure travels with the record (runs/ is not committed)
+        curve = Path(shutil.copy(curve, Path(cfg.record).with_suffix(".png")))
     if cfg.record:
         metrics = {
             "val_loss": final_eval.get("eval/loss"),
