@@ -207,6 +207,22 @@ def test_attention_stats_index_eos_columns_after_the_learnable_sinks():
     assert len(stats["sink_mass_per_layer"]) == 2 and stats["sink_mass_uniform"] > 0
 
 
+def test_log_verdicts_use_pooled_ppl_and_quote_the_worst_tail():
+    from modern_llm.evaluation.long_context import describe_results
+
+    def row(ppl, tail):
+        return {"ppl": ppl, "tail_ppl": tail, "bpb": 1.0}
+
+    per_len = {
+        "window": {"64": row(20, 20), "256": row(100, 500), "512": row(60, 25)},  # collapse, partial recovery
+        "sink": {"64": row(20, 20), "256": row(18, 18), "512": row(17, 14)},
+    }
+    result, meaning = describe_results({"newline": {"pretrained": per_len}}, [64, 256, 512], budget=64)
+    assert "pretrained/window blows up (x3.00; worst tail x25.00)" in meaning
+    assert "pretrained/sink stays flat (x0.85; worst tail x0.90)" in meaning
+    assert "worst tail PPL 500.00@256" in result
+
+
 def test_moving_average_is_trailing():
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2).tolist() == [1.0, 2.0, 4.0, 6.0]
 
