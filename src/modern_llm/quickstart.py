@@ -98,6 +98,11 @@ def align(pretrained: Path, out: Path, seeds: list[int], fast: bool) -> dict[str
             "verifier_train.max_steps": 10 if fast else 100,
             "verifier_train.warmup_steps": 2 if fast else 5,
             "dpo_train.max_steps": 5 if fast else 60,
+            # plain DPO lowered the chosen log-probs with the rejected ones here (negative result in LOG.md);
+            # the chosen-NLL term (RPO) and a lower LR keep the policy on its correct solutions
+            "dpo.sft_weight": 1.0,
+            "dpo_train.lr": 1e-4,
+            "verifier.pos_weight": 4.0,
             "dpo_train.warmup_steps": 1 if fast else 5,
             "eval.n_questions": 8 if fast else 60,
             "eval.num_samples": 4 if fast else 8,
