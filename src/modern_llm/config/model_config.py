@@ -34,6 +34,7 @@ class ModernLLMConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     # Mixture of experts: which layers use an MoE FFN ([] = dense everywhere)
     moe_layers: list[int] = field(default_factory=list)
     moe_n_experts: int = 4

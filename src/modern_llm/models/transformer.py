@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from modern_llm.config.model_config import ModernLLMConfig
@@ -126,8 +127,14 @@ class ModernDecoderLM(nn.Module):
             x = x + self.pos_emb(positions)
         x = self.drop(x)
         router_stats: dict[str, torch.Tensor] = {}
+        checkpointed = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, aux = block(x, rope, kv_cache)
+            if (
+                checkpointed
+            ):  # keep only block inputs; recompute activations in backward (dropout RNG replayed)
+                x, aux = torch.utils.checkpoint.checkpoint(block, x, rope, kv_cache, use_reentrant=False)
+            else:
+                x, aux = block(x, rope, kv_cache)
             for key, value in aux.items():
                 router_stats[key] = router_stats.get(key, 0.0) + value / len(cfg.moe_layers)
         logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
