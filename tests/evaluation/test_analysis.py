@@ -277,3 +277,20 @@ def test_cli_errors_name_the_line(tmp_path):
         an.main(["--predictions", str(tmp_path / "missing.jsonl")])
     with pytest.raises(ValueError, match="no error analysis for task"):
         an.analyze("squad", [], [])
+
+
+def test_join_predictions_by_id_uses_the_tasks_own_examples(tmp_path, shared_data):
+    import json as _json
+
+    from modern_llm.data.task_datasets import get_task
+    from modern_llm.evaluation.analysis import join_predictions_by_id
+
+    first = get_task("sst2").load("validation", data_dir=shared_data, limit=2)
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(_json.dumps({"id": ex.id, "output": ex.answer}) for ex in first))
+    groups = join_predictions_by_id(path, "sst2", "validation", "output", str(shared_data))
+    examples, preds = groups["sst2"]
+    assert [e.id for e in examples] == [e.id for e in first] and preds == [e.answer for e in first]
+    path.write_text(_json.dumps({"id": "nope", "output": "x"}))
+    with pytest.raises(ValueError, match="p.jsonl:1"):
+        join_predictions_by_id(path, "sst2", "validation", "output", str(shared_data))

@@ -729,6 +729,30 @@ def read_predictions(path: str | Path, default_task: str | None = None) -> dict[
     return groups
 
 
+def join_predictions_by_id(
+    path: str | Path, task: str | None, split: str, field: str = "output", data_dir: str | None = None
+) -> dict[str, tuple[list, list]]:
+    """Rows {"id", <field>} + the task's own examples (matched by id) -> {task: (examples, preds)}."""
+    from modern_llm.data.task_datasets import get_task
+
+    if not task:
+        raise ValueError("--join-split needs --task (which dataset the ids belong to)")
+    by_id = {ex.id: ex for ex in get_task(task).load(split, data_dir=data_dir)}
+    examples, preds = [], []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("id") not in by_id or field not in row:
+                raise ValueError(f"{path}:{lineno}: needs an 'id' from {task}/{split} and a '{field}' field")
+            examples.append(by_id[row["id"]])
+            preds.append(row[field])
+    if not examples:
+        raise ValueError(f"{path}: no predictions in the file")
+    return {task: (examples, preds)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="error-analysis",
@@ -741,6 +765,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task for rows without a 'task' field")
     p.add_argument("--model", default="unknown", help="model name recorded in the result")
     p.add_argument("-k", "--examples-per-category", type=int, default=5)
+    p.add_argument(
+        "--join-split",
+        help="rows hold only an 'id' and an output (as hf-finetune/prompt-baseline write them): join them by id "
+        "with this split of --task's dataset (e.g. validation, test)",
+    )
+    p.add_argument("--prediction-field", default="prediction", help="row field holding the model output")
+    p.add_argument("--data-dir", help="datasets root for --join-split (default: $MODERN_LLM_DATA_DIR)")
     p.add_argument("--no-log", action="store_true", help="do not append to experiments/LOG.md")
     p.add_argument("--log-path", default="experiments/LOG.md")
     return p
@@ -751,7 +782,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     started, t0 = now_iso(), time.time()
-    groups = read_predictions(args.predictions, args.task)
+    if args.join_split:
+        groups = join_predictions_by_id(
+            args.predictions, args.task, args.join_split, args.prediction_field, args.data_dir
+        )
+    else:
+        groups = read_predictions(args.predictions, args.task)
     base = args.name or Path(args.predictions).stem
     for task, (examples, preds) in groups.items():
         result = analyze(task, examples, preds, args.examples_per_category)
