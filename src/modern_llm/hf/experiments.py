@@ -109,7 +109,8 @@ class HFExperimentsConfig:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lr: float = 3e-4
-    batch_size: int = 8
+    batch_size: int = 8  # examples per optimizer step
+    micro_batch_size: int | None = None  # < batch_size: gradient accumulation (memory; long SAMSum dialogues)
     warmup_steps: int = 4
     max_length: int = 512
 
@@ -120,6 +121,9 @@ class HFExperimentsConfig:
         for key in ("threads", "eval_batch_size", "batch_size", "sst2_train_limit", "gsm8k_train_limit"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        micro = self.micro_batch_size
+        if micro is not None and (micro < 1 or self.batch_size % micro):
+            raise ValueError(f"micro_batch_size={micro} must be >= 1 and divide batch_size={self.batch_size}")
         if self.sst2_eval_limit is not None and self.sst2_eval_limit < 1:
             raise ValueError(f"sst2_eval_limit={self.sst2_eval_limit} must be >= 1 or null (all 872)")
 
@@ -247,6 +251,7 @@ def run_finetuning(
     from modern_llm.hf.finetune import FinetuneConfig, finetune
 
     out_dir = Path(cfg.work_dir) / name
+    micro = cfg.micro_batch_size or cfg.batch_size
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a fresh run; stale checkpoints would be resumed or mixed in
     train = TrainConfig(
@@ -254,7 +259,8 @@ def run_finetuning(
         seed=cfg.seed,
         device="cpu",
         dtype="fp32",
-        batch_size=cfg.batch_size,
+        batch_size=micro,
+        grad_accum_steps=cfg.batch_size // micro,
         max_steps=steps,
         lr=cfg.lr,
         warmup_steps=min(cfg.warmup_steps, steps),
@@ -404,7 +410,8 @@ def _train_set(record: dict[str, Any]) -> str:
     if _is_prompting(record):
         shots = protocol.get("shots", 0)
         return f"{shots} demos from {protocol['shot_source']}" if shots else "none"
-    return f"{protocol['train_split']}, {protocol['steps']} steps x {protocol['batch_size']}"
+    per_step = protocol["batch_size"] * protocol.get("grad_accum_steps", 1)
+    return f"{protocol['train_split']}, {protocol['steps']} steps x {per_step}"
 
 
 def best_baseline(records: dict[str, dict[str, Any]], task: str) -> tuple[str, float] | None:

@@ -327,6 +327,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 else {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout},
                 "steps": summary["step"],
                 "batch_size": train_cfg.batch_size,
+                "grad_accum_steps": train_cfg.grad_accum_steps,
                 "lr": train_cfg.lr,
             },
             seed=train_cfg.seed,
