@@ -25,6 +25,9 @@ over seeds (``metrics.mean_std``) in a Markdown table and a JSON record under ``
 together with a stage-gain table (what each stage adds to the headline number: greedy accuracy for
 base/SFT/DPO, verifier@N for the reranking stage).
 
+``stop_after`` ("base" / "sft") ends a seed early, e.g. to measure a large model's base pass@1 / pass@N on
+CPU before committing hours to the later stages; the tables then hold only the stages that ran.
+
 Design choices
 - Nothing here trains or samples by itself: it only chains the stage functions (one trainer, one engine,
   one task object), so the pipeline cannot drift from the stage CLIs.
