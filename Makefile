@@ -31,6 +31,7 @@ test: lint
 
 report: $(STAMP)
 	$(BIN)/python scripts/build_report.py
+	cp report/build/generated/results.md experiments/RESULTS.md
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
