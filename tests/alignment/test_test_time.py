@@ -162,7 +162,9 @@ def test_scorer_quality_uses_stored_scores_or_the_score_function():
     q = tt.scorer_quality(hand_runs(with_scores=True), lambda q, s: 1 / 0)  # stored scores: fn never called
     # right: 0.2, 0.9; wrong: 0.95, 0.1, 0.5 x4 -> 6 of the 12 (right, wrong) pairs ordered correctly.
     assert q["auc"] == pytest.approx(0.5) and q["mean_score_right"] == pytest.approx(0.55)
-    assert q["positive_rate"] == pytest.approx(2 / 8) and q["n"] == 8
+    assert q["positive_rate"] == pytest.approx(2 / 8)
+    # Only q1 has both classes: right 0.2, 0.9 vs wrong 0.95, 0.1 -> 2 of 4 pairs ordered correctly.
+    assert q["within_question_auc"] == pytest.approx(0.5) and q["mixed_questions"] == 1
     perfect = tt.scorer_quality(hand_runs(with_scores=False), lambda q, s: float(s == "#### 1"))
     assert perfect["auc"] == 1.0 and perfect["mean_score_wrong"] == 0.0
 

@@ -261,9 +261,11 @@ def attach_scores(runs: Sequence[QuestionRun], score_fn: ScoreFn) -> None:
 
 
 def scorer_quality(runs: Sequence[QuestionRun], score_fn: ScoreFn) -> dict[str, float]:
-    """How well scores separate right from wrong sampled attempts: ROC-AUC and mean score per class.
+    """How well scores separate right from wrong sampled attempts.
 
-    Uses the attempts' stored scores when present (no second scoring pass), else ``score_fn``.
+    ``auc`` pools all samples, so a scorer that only recognises easy QUESTIONS already scores well on it;
+    ``within_question_auc`` (mean ROC-AUC over questions that have both right and wrong samples) measures the
+    ranking best-of-N actually uses. Uses the attempts' stored scores when present, else ``score_fn``.
     """
     attempts = [a for r in runs for a in r.samples]
     if any(a.score is None for a in attempts):
@@ -274,12 +276,19 @@ def scorer_quality(runs: Sequence[QuestionRun], score_fn: ScoreFn) -> dict[str, 
     labels = [int(a.correct) for a in attempts]
     right = [s for s, y in zip(scores, labels) if y]
     wrong = [s for s, y in zip(scores, labels) if not y]
+    per_question, start = [], 0
+    for run in runs:
+        ys, ss = labels[start : start + len(run.samples)], scores[start : start + len(run.samples)]
+        start += len(run.samples)
+        if 0 < sum(ys) < len(ys):
+            per_question.append(metrics.roc_auc(ys, ss))
     return {
         "auc": metrics.roc_auc(labels, scores) if right and wrong else math.nan,
+        "within_question_auc": float(np.mean(per_question)) if per_question else math.nan,
+        "mixed_questions": float(len(per_question)),
         "mean_score_right": float(np.mean(right)) if right else math.nan,
         "mean_score_wrong": float(np.mean(wrong)) if wrong else math.nan,
         "positive_rate": len(right) / len(attempts),
-        "n": float(len(attempts)),
     }
 
 
