@@ -113,6 +113,9 @@ def test_log_meaning_reports_negative_results_against_the_best_baseline():
     assert "does NOT beat" in meaning and "sst2-fewshot" in meaning and "-5.0 points" in meaning
     _, meaning = ex.describe_result("sst2-qlora", records)
     assert meaning.startswith("QLoRA (NF4 base) beats") and "+10.0 points" in meaning
+    records["sst2-lora"]["metrics"]["accuracy"] = 0.70  # equal to the best baseline
+    _, meaning = ex.describe_result("sst2-lora", records)
+    assert "does NOT beat" in meaning and "a tie" in meaning
 
 
 def test_cli_help_list_and_bad_config(tiny_dirs, tmp_path, capsys):

@@ -455,12 +455,14 @@ def describe_result(name: str, records: dict[str, dict[str, Any]]) -> tuple[str,
     if best is None:
         return result, f"{_method_of(record)} on {task}; no prompting baseline recorded yet to compare with."
     delta = 100 * (value - best[1])
-    verdict = "beats" if delta > 0 else "does NOT beat"
-    meaning = (
-        f"{_method_of(record)} {verdict} the best prompting baseline ({best[0]}, {headline} {_fmt(best[1])}%) "
-        f"by {delta:+.1f} points on the same evaluation examples."
-    )
-    return result, meaning
+    baseline = f"the best prompting baseline ({best[0]}, {headline} {_fmt(best[1])}%)"
+    if delta > 0:
+        verdict = f"beats {baseline} by {delta:+.1f} points"
+    elif delta == 0:
+        verdict = f"does NOT beat {baseline}: a tie ({headline} {_fmt(value)}% for both)"
+    else:
+        verdict = f"does NOT beat {baseline}: {delta:+.1f} points"
+    return result, f"{_method_of(record)} {verdict} on the same evaluation examples."
 
 
 # ---------------------------------------------------------------------------------------------- summary
