@@ -62,6 +62,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "zero/k-shot prompting baselines for a task",
     ),
     "hf-finetune": ("modern_llm.hf.finetune:main", "LoRA/QLoRA/full finetuning of a HF model on a task"),
+    "hf-experiments": ("modern_llm.hf.experiments:main", "reproduce the SmolLM2 SST-2/GSM8K/SAMSum results"),
     "attention-viz": ("modern_llm.evaluation.attention_viz:main", "attention heatmaps + sink-mass figure"),
     "error-analysis": ("modern_llm.evaluation.analysis:main", "categorise errors in a predictions JSONL"),
     "export-hf": ("modern_llm.models.hf_convert:export_main", "export a checkpoint to a Hugging Face folder"),
