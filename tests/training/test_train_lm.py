@@ -10,6 +10,7 @@ from modern_llm.config.base import apply_overrides
 from modern_llm.models.pretrained import load_pretrained
 from modern_llm.training.train_lm import LMRunConfig, lm_loss, main, run
 from modern_llm.utils.logging import read_metrics
+from modern_llm.utils.records import RECORD_KEYS
 
 
 def tiny_run(tmp_path, name="run", **overrides):
@@ -47,19 +48,7 @@ def test_loss_decreases_and_record_is_complete(tmp_path):
     curve = losses(tmp_path / "run")
     assert curve[-1] < curve[0] - 0.5
     rec = json.loads((tmp_path / "rec.json").read_text())
-    for key in (
-        "name",
-        "task",
-        "model",
-        "metrics",
-        "protocol",
-        "command",
-        "git_commit",
-        "seed",
-        "device",
-        "dtype",
-    ):
-        assert key in rec
+    assert set(RECORD_KEYS) <= set(rec)
     assert rec["metrics"]["val_ppl"] == pytest.approx(math.exp(rec["metrics"]["val_loss"]), rel=1e-6)
     assert 0 < rec["metrics"]["val_bpb"] < 8
     assert rec["protocol"]["context"] == 32 and rec["protocol"]["stride"] == 32

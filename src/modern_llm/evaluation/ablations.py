@@ -815,7 +815,7 @@ def run_alignment_ablations(cfg: AblationConfig, toggles: list[str]) -> dict[str
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="modern-llm ablate",
+        prog="modern-llm ablations",
         description="Ablate ModernDecoderLM toggles (and alignment stages) over several seeds: one CSV row per "
         "(variant, seed), mean ± std JSON record, bar chart with error bars and loss curves under "
         "experiments/ablations/.",
