@@ -76,3 +76,19 @@ def test_nested_validation_errors_name_the_section():
 
     with pytest.raises(ValueError, match=r"^model: d_model \(100\)"):
         config_from_dict(Run, {"model": {"d_model": 100, "n_heads": 3}})
+
+
+def test_mapping_fields_parse_from_the_cli():
+    from dataclasses import dataclass, field
+    from typing import Any
+
+    @dataclass
+    class Data:
+        task_args: dict[str, Any] = field(default_factory=dict)
+
+    assert apply_overrides(Data(), ["--task_args", "{n_train: 10, seed: 1}"]).task_args == {
+        "n_train": 10,
+        "seed": 1,
+    }
+    with pytest.raises(ValueError, match="task_args"):
+        apply_overrides(Data(), ["--task_args", "[1, 2]"])

@@ -82,6 +82,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 value = [value]
             items = [coerce(v, elem_tp, f"{where}[{i}]") for i, v in enumerate(value)]
             return items if origin is list else tuple(items)
+        if origin is dict:  # a mapping from the CLI arrives as text: '{n_train: 100, seed: 1}'
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: expected a mapping like '{{key: value}}', got {value!r}")
+            return value
         if origin is typing.Literal:
             allowed = typing.get_args(inner)
             if value not in allowed:
