@@ -156,3 +156,32 @@ def test_build_math_pairs_chosen_correct_rejected_incorrect():
     assert again == pairs  # deterministic
     with pytest.raises(ValueError, match="max_pairs_per_question"):
         build_math_pairs(["p"], [[]], max_pairs_per_question=0)
+
+
+def test_strict_pairs_drop_lucky_guesses_as_chosen():
+    # "8 - 9 = 1" reaches the right answer 1 through a wrong step: a lucky guess, never chosen under strict
+    lucky = Sample("8 - 9 = 1\n#### 1", "1", True, "eos", steps_ok=False)
+    sound = Sample("10 - 9 = 1\n#### 1", "1", True, "eos", steps_ok=True)
+    unchecked = Sample("#### 1", "1", True, "eos", steps_ok=None)
+    wrong = Sample("10 - 9 = 2\n#### 2", "2", False, "eos", steps_ok=False)
+    loose, _ = build_math_pairs(["p"], [[lucky, wrong]], max_pairs_per_question=2, seed=0)
+    assert [p.chosen for p in loose] == [lucky.text]
+    strict, stats = build_math_pairs(["p"], [[lucky, wrong]], max_pairs_per_question=2, seed=0, strict=True)
+    assert strict == [] and stats.n_with_pair == 0
+    strict, _ = build_math_pairs(["p"], [[lucky, sound, unchecked, wrong]], 4, seed=0, strict=True)
+    assert {p.chosen for p in strict} == {sound.text, unchecked.text}
+
+
+def test_sampled_solutions_carry_the_step_check():
+    from types import SimpleNamespace
+
+    from modern_llm.data.preference_datasets import _graded
+    from modern_llm.data.task_datasets import get_task
+
+    task = get_task("arithmetic")
+    example = SimpleNamespace(answer="1")
+    graded = _graded(
+        task, example, SimpleNamespace(text="She has 8 - 9 = 1 left.\n#### 1", finish_reason="eos")
+    )
+    assert graded.correct and graded.steps_ok is False and not graded.is_good(strict=True)
+    assert graded.is_good(strict=False)

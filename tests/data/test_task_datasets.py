@@ -406,3 +406,14 @@ def test_fixture_files_are_valid_json():
     for path in FIXTURES.rglob("*.jsonl"):
         for line in path.read_text().splitlines():
             json.loads(line)
+
+
+def test_math_steps_valid_flags_wrong_arithmetic():
+    task = get_task("gsm8k")
+    assert task.steps_valid("Emma has 8 - 9 = 1 toy car left.\n#### 1") is False
+    assert task.steps_valid("Grace has 10 - 9 = 1 bead left.\n#### 1") is True
+    assert task.steps_valid("She pays 48/2 = <<48/2=24>>24 dollars. Then 24 * 2 = 48\n#### 48") is True
+    assert task.steps_valid("She pays <<48/2=25>>25 dollars.\n#### 25") is False
+    assert task.steps_valid("#### 3") is None  # nothing to check
+    # steps after a stop sequence belong to the next question, not to this solution
+    assert task.steps_valid("2 + 2 = 4\n#### 4\nQuestion: 1 + 1 = 3") is True

@@ -15,12 +15,15 @@ from modern_llm.data.tokenizer import train_bpe_tokenizer
 from modern_llm.models.transformer import ModernDecoderLM
 from modern_llm.models.verifier import verifier_from_lm
 from modern_llm.training.train_verifier import (
+    VerifierCollator,
     VerifierConfig,
     encode_records,
     evaluate_scores,
+    group_by_prompt,
     load_verifier_jsonl,
     score_solutions,
     train_verifier,
+    within_group_ranking_loss,
 )
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "table", "light"]
@@ -56,21 +59,15 @@ def _verifier(tok):
     return verifier_from_lm(lm)
 
 
+def _train_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(device="cpu", dtype="fp32", lr=3e-3, warmup_steps=5, progress=False, tensorboard=False)
+    return TrainConfig(out_dir=str(tmp_path / "run"), **(base | {"log_every": 10} | kw))
+
+
 def test_verifier_separates_toy_data(tmp_path, toy_tokenizer):
     train, held_out = _toy_records(256, 0), _toy_records(100, 1)
     verifier = _verifier(toy_tokenizer)
-    cfg = TrainConfig(
-        out_dir=str(tmp_path / "run"),
-        device="cpu",
-        dtype="fp32",
-        batch_size=16,
-        max_steps=80,
-        lr=3e-3,
-        warmup_steps=5,
-        progress=False,
-        tensorboard=False,
-        log_every=20,
-    )
+    cfg = _train_cfg(tmp_path, batch_size=16, max_steps=80)
     summary = train_verifier(verifier, toy_tokenizer, train, VerifierConfig(), cfg, eval_records=held_out)
     assert summary["eval/auc"] > 0.95
     assert summary["eval/far"] < 0.2 and summary["eval/frr"] < 0.2
@@ -81,6 +78,44 @@ def test_verifier_separates_toy_data(tmp_path, toy_tokenizer):
     assert evaluate_scores([r["label"] for r in held_out], scores)["auc"] == pytest.approx(
         summary["eval/auc"]
     )
+
+
+def test_within_group_ranking_loss_by_hand():
+    logits = torch.tensor([2.0, 0.5, -1.0, 3.0, 1.0])
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    group = torch.tensor([0, 0, 0, 1, 1])  # group 1 has no wrong sample: no pair there
+    expected = -(math.log(1 / (1 + math.exp(-1.5))) + math.log(1 / (1 + math.exp(-3.0)))) / 2
+    assert within_group_ranking_loss(logits, labels, group).item() == pytest.approx(expected)
+    # pairs never cross groups: a wrong row scored above a right row of ANOTHER question costs nothing
+    cross = within_group_ranking_loss(
+        torch.tensor([0.0, 5.0]), torch.tensor([1.0, 0.0]), torch.tensor([0, 1])
+    )
+    assert cross.item() == 0.0 and cross.requires_grad is False  # no pair: a plain zero
+    with_grad = torch.tensor([0.0, 5.0], requires_grad=True)
+    within_group_ranking_loss(with_grad, torch.tensor([1.0, 0.0]), torch.tensor([0, 1])).backward()
+    assert with_grad.grad is not None and torch.all(with_grad.grad == 0)
+
+
+def test_grouped_batches_keep_questions_together(toy_tokenizer):
+    records = _toy_records(12, 0)
+    groups = group_by_prompt(encode_records(records, toy_tokenizer, 64), records)
+    prompts = list(dict.fromkeys(r["prompt"] for r in records))
+    assert [len(g["rows"]) for g in groups] == [sum(r["prompt"] == p for r in records) for p in prompts]
+    batch = VerifierCollator(0)(groups[:2])
+    assert batch["input_ids"].shape[0] == len(groups[0]["rows"]) + len(groups[1]["rows"])
+    assert batch["group"].tolist() == [0] * len(groups[0]["rows"]) + [1] * len(groups[1]["rows"])
+
+
+def test_ranking_loss_trains_a_verifier(tmp_path, toy_tokenizer):
+    cfg = _train_cfg(tmp_path, batch_size=4, max_steps=40)  # batch_size counts questions here
+    verifier = _verifier(toy_tokenizer)
+    train, held_out = _toy_records(256, 0), _toy_records(100, 1)
+    summary = train_verifier(
+        verifier, toy_tokenizer, train, VerifierConfig(rank_weight=1.0), cfg, eval_records=held_out
+    )
+    assert summary["eval/auc"] > 0.9
+    with pytest.raises(ValueError, match="rank_weight"):
+        VerifierConfig(rank_weight=-1.0)
 
 
 def test_evaluate_scores_matches_sklearn():

@@ -9,7 +9,8 @@ Per seed:
    afterwards so the next stage starts from a plain model).
 3. On-policy data: the SFT policy samples ``pairs.num_samples`` solutions per train question
    (``data.preference_datasets``); the task's checker labels them. Questions with both outcomes give DPO pairs;
-   all labelled samples train the verifier.
+   all labelled samples train the verifier. With ``pairs.strict`` a correct answer counts as good only when
+   every arithmetic step in it is right too (``task.steps_valid``), for both the pairs and the labels.
 4. ``verifier``: trunk copied from the SFT policy + scalar head, BCE (``training.train_verifier``).
 5. ``dpo``: DPO from the SFT policy, reference = the SFT policy, log-probs precomputed (``training.train_dpo``).
 6. ``dpo+verifier``: the DPO policy's N samples reranked by the verifier (best-of-N).
@@ -118,6 +119,9 @@ class PairConfig:
     temperature: float = 1.0
     top_k: int = 0
     max_pairs_per_question: int = 2
+    # chosen solutions and positive verifier labels also need every arithmetic step right
+    # (task.steps_valid); without it a tiny policy's lucky guesses ("8 - 9 = 1 ... #### 1") become chosen
+    strict: bool = False
 
 
 def _train(out_dir: str, **kw: Any) -> TrainConfig:
@@ -308,6 +312,11 @@ def _policy(cfg: PipelineConfig, task, train_examples, seed: int):
     return load_policy(cfg.model)
 
 
+def _n_verifier_items(cfg: PipelineConfig, records: Sequence[dict[str, Any]]) -> int:
+    """Training items of the verifier stage: records, or questions when batches hold whole questions."""
+    return len({r["prompt"] for r in records}) if cfg.verifier.rank_weight > 0 else len(records)
+
+
 def _merge_if_lora(model):
     if hasattr(model, "merge_and_unload"):
         from modern_llm.hf.lora_utils import merge_adapter
@@ -383,9 +392,11 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
         stop_token_ids(tokenizer),
         cfg.eval.batch_prompts,
     )
-    pairs, pair_stats = build_math_pairs(pair_prompts, train_samples, cfg.pairs.max_pairs_per_question, seed)
+    pairs, pair_stats = build_math_pairs(
+        pair_prompts, train_samples, cfg.pairs.max_pairs_per_question, seed, cfg.pairs.strict
+    )
     save_preference_jsonl(pairs, seed_dir / "pairs.jsonl")
-    v_records = verifier_records(pair_prompts, train_samples)
+    v_records = verifier_records(pair_prompts, train_samples, cfg.pairs.strict)
     _write_jsonl(v_records, seed_dir / "verifier_records.jsonl")
 
     verifier_summary: dict[str, Any] = {}
@@ -401,7 +412,7 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
             tokenizer,
             v_records,
             cfg.verifier,
-            _seeded(cfg.verifier_train, seed, seed_dir / "verifier", len(v_records)),
+            _seeded(cfg.verifier_train, seed, seed_dir / "verifier", _n_verifier_items(cfg, v_records)),
             None,
             {"pipeline": config_to_dict(cfg)},
         )

@@ -209,6 +209,13 @@ class Sample:
     answer: Any  # the task's extracted answer (None when unparseable)
     correct: bool
     finish_reason: str
+    steps_ok: bool | None = (
+        None  # task.steps_valid(text): every arithmetic step right (None: nothing checked)
+    )
+
+    def is_good(self, strict: bool = False) -> bool:
+        """Correct final answer; with ``strict`` also no wrong arithmetic step (no lucky guesses)."""
+        return self.correct and not (strict and self.steps_ok is False)
 
 
 def prompt_token_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
@@ -256,7 +263,14 @@ def sample_solutions(
 
 def _graded(task: Any, example: Any, result: Any) -> Sample:
     answer = task.extract_answer(result.text)
-    return Sample(result.text, answer, bool(task.is_correct(result.text, example)), result.finish_reason)
+    steps_valid = getattr(task, "steps_valid", None)
+    return Sample(
+        result.text,
+        answer,
+        bool(task.is_correct(result.text, example)),
+        result.finish_reason,
+        None if steps_valid is None else steps_valid(result.text),
+    )
 
 
 @dataclass
@@ -277,8 +291,13 @@ def build_math_pairs(
     samples: Sequence[Sequence[Sample]],
     max_pairs_per_question: int = 2,
     seed: int = 0,
+    strict: bool = False,
 ) -> tuple[list[PreferencePair], PairStats]:
-    """chosen = a correct sample, rejected = an incorrect one, per question; see module docstring."""
+    """chosen = a correct sample, rejected = an incorrect one, per question; see module docstring.
+
+    ``strict``: chosen must also have no wrong arithmetic step (``Sample.is_good``); a correct answer
+    reached by wrong steps is then neither chosen nor rejected.
+    """
     if max_pairs_per_question < 1:
         raise ValueError(f"max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
     rng = random.Random(seed)
@@ -287,7 +306,7 @@ def build_math_pairs(
     for q, (prompt, row) in enumerate(zip(prompts, samples)):
         n_total += len(row)
         n_correct += sum(s.correct for s in row)
-        good = _distinct([s.text for s in row if s.correct and s.finish_reason != "length"])
+        good = _distinct([s.text for s in row if s.is_good(strict) and s.finish_reason != "length"])
         bad = _distinct([s.text for s in row if not s.correct])
         if not any(s.correct for s in row):
             all_wrong += 1

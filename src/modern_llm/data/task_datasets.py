@@ -583,6 +583,18 @@ class MathTask(Task):
         answer = self.extract_answer(pred)
         return answer is not None and answer == metrics.normalize_number(example.answer)
 
+    def steps_valid(self, text: Any) -> bool | None:
+        """Whether every checkable arithmetic step ("a + b = c", ``<<a+b=c>>``) in ``text`` is right.
+
+        None when there is nothing to check. A right final answer reached through wrong arithmetic
+        ("8 - 9 = 1 ... #### 1") is a lucky guess: preference pairs and verifier labels can require both
+        (``strict`` grading in the alignment pipeline) so the policy is not taught the wrong steps.
+        """
+        from modern_llm.evaluation.analysis import check_steps
+
+        steps = check_steps(truncate_at_stops(str(text), self.stop_sequences))
+        return None if not steps else all(step.ok for step in steps)
+
     def score(self, preds: Sequence[Any], examples: Sequence[TaskExample]) -> dict[str, float]:
         self._check_lengths(preds, examples)
         answers = [self.extract_answer(p) for p in preds]

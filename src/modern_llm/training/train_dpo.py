@@ -296,7 +296,7 @@ def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int):
 
 
 def run(cfg: DPORunConfig) -> dict[str, Any]:
-    from modern_llm.utils.records import now_iso, write_record
+    from modern_llm.utils.records import now_iso, write_summary_record
 
     if not cfg.policy or not cfg.pairs:
         raise ValueError("set --policy (starting model) and --pairs (preference JSONL file)")
@@ -316,22 +316,17 @@ def run(cfg: DPORunConfig) -> dict[str, Any]:
     )
     summary["policy"] = str(save_policy(model, tokenizer, Path(cfg.train.out_dir) / "final"))
     if cfg.record:
-        write_record(
+        protocol = {"n_train_pairs": len(train_pairs), "n_eval_pairs": len(eval_pairs)}
+        write_summary_record(
             cfg.record,
+            summary,
             name=cfg.name,
             task=f"dpo/{Path(cfg.pairs).name}",
             model=cfg.policy,
-            metrics={k: v for k, v in summary.items() if isinstance(v, float)},
-            protocol={
-                "n_train_pairs": len(train_pairs),
-                "n_eval_pairs": len(eval_pairs),
-                "config": config_to_dict(cfg),
-            },
+            protocol=protocol | {"config": config_to_dict(cfg)},
             seed=cfg.train.seed,
-            device=summary["device"],
-            dtype=summary["dtype"],
             started=started,
-            duration_s=time.time() - t0,
+            t0=t0,
         )
     return summary
 

@@ -340,7 +340,7 @@ def train_sft(
 
 def run(cfg: SFTRunConfig) -> dict[str, Any]:
     """Build policy + data, train, export ``<out_dir>/final`` and (optionally) write a record."""
-    from modern_llm.utils.records import now_iso, write_record
+    from modern_llm.utils.records import now_iso, write_summary_record
 
     started, t0 = now_iso(), time.time()
     task, train_examples = task_examples(cfg.data)
@@ -352,25 +352,17 @@ def run(cfg: SFTRunConfig) -> dict[str, Any]:
     final = save_policy(model, tokenizer, Path(cfg.train.out_dir) / "final")
     summary["policy"] = str(final)
     if cfg.record:
-        write_record(
+        protocol = {"n_examples": len(records), "split": cfg.data.split, "chat": cfg.data.chat}
+        write_summary_record(
             cfg.record,
+            summary,
             name=cfg.name,
             task=f"sft/{cfg.data.task}",
             model=cfg.model,
-            metrics={
-                k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            },
-            protocol={
-                "n_examples": len(records),
-                "split": cfg.data.split,
-                "chat": cfg.data.chat,
-                "config": config_to_dict(cfg),
-            },
+            protocol=protocol | {"config": config_to_dict(cfg)},
             seed=cfg.train.seed,
-            device=summary["device"],
-            dtype=summary["dtype"],
             started=started,
-            duration_s=time.time() - t0,
+            t0=t0,
         )
     return summary
 

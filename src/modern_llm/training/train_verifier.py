@@ -52,12 +52,17 @@ class VerifierConfig:
     freeze_trunk: bool = False  # True: train the scalar head only (linear probe)
     threshold: float = 0.5  # accept a solution when P(correct) >= threshold (FAR/FRR)
     pos_weight: float = 1.0  # BCE weight of positive examples
+    # > 0: add a within-question ranking loss (correct above wrong samples of the SAME question); batches then
+    # hold whole questions, so batch_size counts questions
+    rank_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"verifier.threshold must be in (0, 1), got {self.threshold}")
         if self.pos_weight <= 0:
             raise ValueError(f"verifier.pos_weight must be > 0, got {self.pos_weight}")
+        if self.rank_weight < 0:
+            raise ValueError(f"verifier.rank_weight must be >= 0, got {self.rank_weight}")
 
 
 @dataclass
@@ -76,10 +81,15 @@ class VerifierRunConfig:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def verifier_records(prompts: Sequence[str], samples: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
-    """Flatten graded samples (``preference_datasets.Sample``) into {"prompt", "completion", "label"}."""
+def verifier_records(
+    prompts: Sequence[str], samples: Sequence[Sequence[Any]], strict: bool = False
+) -> list[dict[str, Any]]:
+    """Flatten graded samples (``preference_datasets.Sample``) into {"prompt", "completion", "label"}.
+
+    ``strict``: label 1 needs the right answer AND no wrong arithmetic step (``Sample.is_good``).
+    """
     return [
-        {"prompt": prompt, "completion": s.text, "label": int(s.correct)}
+        {"prompt": prompt, "completion": s.text, "label": int(s.is_good(strict))}
         for prompt, row in zip(prompts, samples)
         for s in row
     ]
@@ -125,11 +135,28 @@ def encode_records(
     return out
 
 
+def group_by_prompt(
+    items: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One item per distinct prompt, {"rows": [its encoded samples]}, in first-appearance order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item, record in zip(items, records):
+        groups.setdefault(record["prompt"], []).append(item)
+    return [{"rows": rows} for rows in groups.values()]
+
+
 @dataclass
 class VerifierCollator:
+    """Right-padded rows; items that are question groups ({"rows": [...]}) are flattened and get a
+    ``group`` index per row (the ranking loss compares rows of the same group only)."""
+
     pad_id: int
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if items and "rows" in items[0]:
+            rows = [row for it in items for row in it["rows"]]
+            group = torch.tensor([g for g, it in enumerate(items) for _ in it["rows"]], dtype=torch.long)
+            return self(rows) | {"group": group}
         width = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -143,14 +170,36 @@ class VerifierCollator:
 # ----------------------------------------------------------------------------------------------- loss/eval
 
 
-def make_bce_loss(pos_weight: float = 1.0):
+def within_group_ranking_loss(
+    logits: torch.Tensor, labels: torch.Tensor, group: torch.Tensor
+) -> torch.Tensor:
+    """Mean of -log sigmoid(s_correct - s_wrong) over every (correct, wrong) pair of rows in the same group.
+
+    BCE alone lets a verifier score mostly the QUESTION (easy questions: high P(correct) for every sample),
+    which ranks samples of one question no better than chance; best-of-N needs the within-question order.
+    0 (with a gradient path) when no group has both outcomes.
+    """
+    same = group[:, None] == group[None, :]  # (R, R)
+    pairs = same & (labels[:, None] > 0.5) & (labels[None, :] < 0.5)  # row i correct, row j wrong
+    if not bool(pairs.any()):
+        return logits.sum() * 0.0
+    margins = logits[:, None] - logits[None, :]  # (R, R): s_i - s_j
+    return -F.logsigmoid(margins[pairs]).mean()
+
+
+def make_bce_loss(pos_weight: float = 1.0, rank_weight: float = 0.0):
     def bce_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         logits = model(batch["input_ids"], batch["attention_mask"])  # (B,)
         labels = batch["labels"]
         weight = torch.as_tensor(pos_weight, device=logits.device)
         loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
         accuracy = ((logits > 0).float() == labels).float().mean()
-        return loss, {"accuracy": accuracy}
+        logs: dict[str, Any] = {"accuracy": accuracy}
+        if rank_weight > 0 and "group" in batch:
+            rank = within_group_ranking_loss(logits, labels, batch["group"])
+            loss = loss + rank_weight * rank
+            logs["rank_loss"] = rank.detach()
+        return loss, logs
 
     return bce_loss
 
@@ -230,6 +279,8 @@ def train_verifier(
             p.requires_grad_(False)
     pad = pad_id_of(tokenizer)
     train_items = encode_records(records, tokenizer, cfg.max_length)
+    if cfg.rank_weight > 0:
+        train_items = group_by_prompt(train_items, records)
     eval_items = encode_records(eval_records, tokenizer, cfg.max_length) if eval_records else None
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
@@ -239,7 +290,7 @@ def train_verifier(
     trainer = Trainer(
         verifier,
         train_items,
-        make_bce_loss(cfg.pos_weight),
+        make_bce_loss(cfg.pos_weight, cfg.rank_weight),
         train_cfg,
         collate_fn=VerifierCollator(pad),
         eval_fn=eval_fn if eval_items else None,
@@ -251,7 +302,7 @@ def train_verifier(
 def run(cfg: VerifierRunConfig) -> dict[str, Any]:
     import random
 
-    from modern_llm.utils.records import now_iso, write_record
+    from modern_llm.utils.records import now_iso, write_summary_record
 
     if not cfg.policy or not cfg.data:
         raise ValueError("set --policy (trunk initialisation) and --data (JSONL of prompt/completion/label)")
@@ -276,22 +327,20 @@ def run(cfg: VerifierRunConfig) -> dict[str, Any]:
     )
     summary["verifier"] = str(save_verifier(verifier, Path(cfg.train.out_dir) / "final", tokenizer))
     if cfg.record:
-        write_record(
+        write_summary_record(
             cfg.record,
+            summary,
             name=cfg.name,
             task=f"verifier/{Path(cfg.data).name}",
             model=cfg.policy,
-            metrics={k: v for k, v in summary.items() if isinstance(v, float)},
             protocol={
                 "n_train": len(train_records),
                 "n_eval": len(eval_records),
                 "config": config_to_dict(cfg),
             },
             seed=cfg.train.seed,
-            device=summary["device"],
-            dtype=summary["dtype"],
             started=started,
-            duration_s=time.time() - t0,
+            t0=t0,
         )
     return summary
 

@@ -23,6 +23,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,36 @@ def write_record(
     tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def write_summary_record(
+    path: str | Path,
+    summary: dict[str, Any],
+    *,
+    name: str,
+    task: str,
+    model: str,
+    protocol: dict[str, Any],
+    seed: int | None,
+    started: Any,
+    t0: float,
+) -> Path:
+    """``write_record`` for a training stage: the numeric entries of a ``Trainer.fit`` summary are the
+    metrics, device and dtype come from the summary, duration is measured from ``t0`` (``time.time()``)."""
+    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return write_record(
+        path,
+        name=name,
+        task=task,
+        model=model,
+        metrics=numbers,
+        protocol=protocol,
+        seed=seed,
+        device=summary["device"],
+        dtype=summary["dtype"],
+        started=started,
+        duration_s=time.time() - t0,
+    )
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
