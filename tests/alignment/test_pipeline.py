@@ -71,6 +71,16 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path):
     pairs = (tmp_path / "runs" / "seed0" / "pairs.jsonl").read_text().splitlines()
     assert len(pairs) == seed["pairs"]["n_pairs"]
 
+    # the stage models are saved for test-time compute / chat, and load back
+    from modern_llm.models.verifier import load_verifier
+    from modern_llm.training.train_sft import load_policy
+
+    seed_dir = tmp_path / "runs" / "seed0"
+    policy, _ = load_policy(seed_dir / "dpo_final")
+    load_policy(seed_dir / "sft_final")
+    verifier = load_verifier(seed_dir / "verifier_final")
+    assert sum(p.numel() for p in policy.parameters()) > 0 and verifier.pooling == cfg.verifier.pooling
+
 
 def _samples(correct_rows, answers_rows, greedy):
     sampled = [

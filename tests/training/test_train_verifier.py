@@ -190,3 +190,30 @@ def test_jsonl_errors_and_cli(tmp_path, toy_tokenizer):
     assert "eval/auc" in record["metrics"]
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_mean_pooling_verifier_trains_saves_and_loads(tmp_path, toy_tokenizer):
+    from modern_llm.models.verifier import load_verifier, save_verifier
+
+    verifier = _verifier(toy_tokenizer)
+    train, held_out = _toy_records(256, 0), _toy_records(100, 1)
+    cfg = VerifierConfig(pooling="mean")
+    summary = train_verifier(
+        verifier, toy_tokenizer, train, cfg, _train_cfg(tmp_path, batch_size=16, max_steps=60), held_out
+    )
+    assert verifier.pooling == "mean" and summary["eval/auc"] > 0.9
+    prompts, texts = [r["prompt"] for r in held_out[:8]], [r["completion"] for r in held_out[:8]]
+    before = score_solutions(verifier, toy_tokenizer, prompts, texts)
+    loaded = load_verifier(save_verifier(verifier, tmp_path / "v", toy_tokenizer))
+    assert loaded.pooling == "mean"
+    assert score_solutions(loaded, toy_tokenizer, prompts, texts) == pytest.approx(before, abs=1e-6)
+    # the score is the mean per-token logit over the solution tokens only (prompt tokens ignored)
+    item = encode_records(held_out[:1], toy_tokenizer, 64)[0]
+    ids = torch.tensor([item["input_ids"]])
+    with torch.no_grad():
+        tokens = loaded(ids, per_token=True)[0, item["n_prompt"] :]
+    assert torch.sigmoid(tokens.mean()).item() == pytest.approx(before[0], abs=1e-5)
+    with pytest.raises(ValueError, match="completion_mask"):
+        loaded(ids)
+    with pytest.raises(ValueError, match="pooling"):
+        VerifierConfig(pooling="max")

@@ -26,6 +26,10 @@ over seeds (``metrics.mean_std``) in a Markdown table and a JSON record under ``
 together with a stage-gain table (what each stage adds to the headline number: greedy accuracy for
 base/SFT/DPO, verifier@N for the reranking stage).
 
+With ``save_models`` each seed folder keeps ``sft_final/``, ``dpo_final/`` (``load_policy`` folders) and
+``verifier_final/`` (``load_verifier``), so test-time compute (``modern-llm test-time --model ... --verifier
+...``), chat and serve run on exactly the models in the table.
+
 ``stop_after`` ("base" / "sft") ends a seed early, e.g. to measure a large model's base pass@1 / pass@N on
 CPU before committing hours to the later stages; the tables then hold only the stages that ran.
 
@@ -157,6 +161,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     skip_sft: bool = False  # start DPO from the base (e.g. an instruct model already good at the format)
     stop_after: str = "dpo"  # "base" | "sft" | "dpo" (= every stage, verifier included)
+    save_models: bool = True  # seed<k>/{sft,dpo,verifier}_final folders, for test-time compute and chat
     threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is much faster on a shared, loaded CPU
 
     def __post_init__(self) -> None:
@@ -317,6 +322,13 @@ def _n_verifier_items(cfg: PipelineConfig, records: Sequence[dict[str, Any]]) ->
     return len({r["prompt"] for r in records}) if cfg.verifier.rank_weight > 0 else len(records)
 
 
+def _save_stage_model(cfg: PipelineConfig, model, tokenizer, folder: Path) -> None:
+    if cfg.save_models:
+        from modern_llm.training.train_sft import save_policy
+
+        save_policy(model, tokenizer, folder)
+
+
 def _merge_if_lora(model):
     if hasattr(model, "merge_and_unload"):
         from modern_llm.hf.lora_utils import merge_adapter
@@ -367,6 +379,7 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
             run_config=trainer_run_config(model, cfg),
         )
         model = _merge_if_lora(model)
+    _save_stage_model(cfg, model, tokenizer, seed_dir / "sft_final")
     samples["sft"] = timed(
         "eval_sft", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
     )
@@ -416,6 +429,10 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
             None,
             {"pipeline": config_to_dict(cfg)},
         )
+        if cfg.save_models:
+            from modern_llm.models.verifier import save_verifier
+
+            save_verifier(verifier, seed_dir / "verifier_final", tokenizer)
     else:
         log.warning("seed %d: verifier skipped: the SFT samples are all correct or all wrong", seed)
 
@@ -439,6 +456,7 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
         log.warning(
             "seed %d: no DPO pairs (no question had both a correct and a wrong sample); DPO = SFT", seed
         )
+    _save_stage_model(cfg, model, tokenizer, seed_dir / "dpo_final")
     samples["dpo"] = timed(
         "eval_dpo", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
     )

@@ -13,6 +13,11 @@ Design choices
   * a Hugging Face causal LM's ``base_model`` (e.g. ``LlamaModel``): ``last_hidden_state`` after the final
     norm, with the attention mask.
 - The trunk is a deep copy of the LM it comes from, so training the verifier never changes the policy.
+- Two poolings (``pooling``): "last" scores the hidden state of the last real token (Cobbe et al.'s
+  test-time choice); "mean" scores EVERY solution token and averages the per-token logits over the
+  solution. Trained with a per-token BCE (every solution token predicts the outcome: Cobbe et al.'s
+  token-level objective), a wrong step lowers every later token's score instead of having to survive in
+  the last hidden state, which a small trunk does not manage.
 - The head starts at zero (every score starts at logit 0 = P 0.5), which keeps the first steps' BCE at ln 2
   instead of depending on the random head.
 - ``save_verifier`` / ``load_verifier``: a folder with ``verifier.yaml`` (trunk kind + our model config),
@@ -44,17 +49,19 @@ VERIFIER_CONFIG = "verifier.yaml"
 HEAD_FILE = "head.safetensors"
 NATIVE_TRUNK_FILE = "trunk.safetensors"
 HF_TRUNK_DIR = "trunk"
+POOLINGS = ("last", "mean")
 
 
 class Verifier(nn.Module):
     """``forward(input_ids, attention_mask) -> (B,)`` logits of P(solution is correct)."""
 
-    def __init__(self, trunk: nn.Module, hidden_size: int, kind: str):
+    def __init__(self, trunk: nn.Module, hidden_size: int, kind: str, pooling: str = "last"):
         super().__init__()
         if kind not in ("native", "hf"):
             raise ValueError(f"verifier trunk kind must be 'native' or 'hf', got {kind!r}")
         self.trunk = trunk
         self.kind = kind
+        self.pooling = check_pooling(pooling)
         self.hidden_size = hidden_size
         self.head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.head.weight)
@@ -78,7 +85,24 @@ class Verifier(nn.Module):
             )
         return hidden
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        completion_mask: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
+        """(B,) solution scores (logits), or (B, T) per-token logits with ``per_token`` (training)."""
+        if per_token:
+            return self.token_logits(input_ids, attention_mask)
+        if self.pooling == "mean":
+            if completion_mask is None:
+                raise ValueError("a mean-pooling verifier needs completion_mask (1 on the solution's tokens)")
+            return masked_mean(self.token_logits(input_ids, attention_mask), completion_mask)
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
         if attention_mask is None:
             last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
@@ -89,7 +113,19 @@ class Verifier(nn.Module):
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
 
 
-def verifier_from_lm(lm: nn.Module) -> Verifier:
+def check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise ValueError(f"verifier pooling must be one of {POOLINGS}, got {pooling!r}")
+    return pooling
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) values averaged over the positions where ``mask`` is 1 -> (B,)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def verifier_from_lm(lm: nn.Module, pooling: str = "last") -> Verifier:
     """A verifier whose trunk is a copy of ``lm`` (ModernDecoderLM or HF causal LM; PEFT models are merged)."""
     lm = getattr(lm, "_orig_mod", lm)
     if hasattr(lm, "merge_and_unload"):  # a LoRA policy: fold the adapter in, on a copy
@@ -97,7 +133,7 @@ def verifier_from_lm(lm: nn.Module) -> Verifier:
     if isinstance(lm, ModernDecoderLM):
         trunk = copy.deepcopy(lm)
         trunk.lm_head = nn.Identity()
-        return Verifier(trunk, lm.config.d_model, "native")
+        return Verifier(trunk, lm.config.d_model, "native", pooling)
     base = getattr(lm, "base_model", None)
     if base is None or base is lm:
         raise ValueError(
@@ -105,7 +141,7 @@ def verifier_from_lm(lm: nn.Module) -> Verifier:
             "*ForCausalLM model (its .base_model is the trunk)"
         )
     trunk = copy.deepcopy(base)
-    return Verifier(trunk, int(lm.config.hidden_size), "hf")
+    return Verifier(trunk, int(lm.config.hidden_size), "hf", pooling)
 
 
 def save_verifier(verifier: Verifier, folder: str | Path, tokenizer: Any = None) -> Path:
@@ -115,7 +151,11 @@ def save_verifier(verifier: Verifier, folder: str | Path, tokenizer: Any = None)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {"kind": verifier.kind, "hidden_size": verifier.hidden_size}
+    meta: dict[str, Any] = {
+        "kind": verifier.kind,
+        "hidden_size": verifier.hidden_size,
+        "pooling": verifier.pooling,
+    }
     save_file(model_tensors(verifier.head), str(folder / HEAD_FILE))
     if verifier.kind == "native":
         meta["model"] = config_to_dict(verifier.trunk.config)
@@ -153,6 +193,6 @@ def load_verifier(folder: str | Path, device: str = "cpu") -> Verifier:
         trunk = AutoModel.from_pretrained(str(folder / HF_TRUNK_DIR), trust_remote_code=False)
     else:
         raise ValueError(f"{cfg_file}: kind must be 'native' or 'hf', got {meta.get('kind')!r}")
-    verifier = Verifier(trunk, int(meta["hidden_size"]), meta["kind"])
+    verifier = Verifier(trunk, int(meta["hidden_size"]), meta["kind"], meta.get("pooling", "last"))
     verifier.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     return verifier.to(device).eval()

@@ -40,7 +40,13 @@ from torch import nn
 from modern_llm.config.base import config_to_dict, parse_config_cli
 from modern_llm.config.train_config import TrainConfig
 from modern_llm.evaluation.metrics import false_accept_reject, roc_auc
-from modern_llm.models.verifier import Verifier, save_verifier, verifier_from_lm
+from modern_llm.models.verifier import (
+    Verifier,
+    check_pooling,
+    masked_mean,
+    save_verifier,
+    verifier_from_lm,
+)
 from modern_llm.training.train_sft import load_policy, pad_id_of
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,8 @@ class VerifierConfig:
     # > 0: add a within-question ranking loss (correct above wrong samples of the SAME question); batches then
     # hold whole questions, so batch_size counts questions
     rank_weight: float = 0.0
+    # "last": score the last token; "mean": per-token BCE on every solution token, score = their mean logit
+    pooling: str = "last"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -63,6 +71,7 @@ class VerifierConfig:
             raise ValueError(f"verifier.pos_weight must be > 0, got {self.pos_weight}")
         if self.rank_weight < 0:
             raise ValueError(f"verifier.rank_weight must be >= 0, got {self.rank_weight}")
+        check_pooling(self.pooling)
 
 
 @dataclass
@@ -131,7 +140,7 @@ def encode_records(
     out = []
     for r in records:
         p, c = collator.encode(r["prompt"], r["completion"])
-        out.append({"input_ids": p + c, "label": float(r.get("label", 0))})
+        out.append({"input_ids": p + c, "n_prompt": len(p), "label": float(r.get("label", 0))})
     return out
 
 
@@ -160,11 +169,13 @@ class VerifierCollator:
         width = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
+        completion = torch.zeros((len(items), width), dtype=torch.long)
         for i, it in enumerate(items):
             ids[i, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
             mask[i, : len(it["input_ids"])] = 1
+            completion[i, it["n_prompt"] : len(it["input_ids"])] = 1
         labels = torch.tensor([it["label"] for it in items], dtype=torch.float32)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion, "labels": labels}
 
 
 # ----------------------------------------------------------------------------------------------- loss/eval
@@ -187,12 +198,20 @@ def within_group_ranking_loss(
     return -F.logsigmoid(margins[pairs]).mean()
 
 
-def make_bce_loss(pos_weight: float = 1.0, rank_weight: float = 0.0):
+def make_bce_loss(pos_weight: float = 1.0, rank_weight: float = 0.0, pooling: str = "last"):
     def bce_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        logits = model(batch["input_ids"], batch["attention_mask"])  # (B,)
-        labels = batch["labels"]
-        weight = torch.as_tensor(pos_weight, device=logits.device)
-        loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
+        labels, completion = batch["labels"], batch["completion_mask"]
+        weight = torch.as_tensor(pos_weight, device=labels.device)
+        if pooling == "mean":  # token-level objective: every solution token predicts the outcome
+            per_token = model(batch["input_ids"], batch["attention_mask"], per_token=True)  # (B, T)
+            token_bce = F.binary_cross_entropy_with_logits(
+                per_token, labels[:, None].expand_as(per_token), pos_weight=weight, reduction="none"
+            )
+            loss = masked_mean(token_bce, completion).mean()
+            logits = masked_mean(per_token, completion)  # (B,) the score used at test time
+        else:
+            logits = model(batch["input_ids"], batch["attention_mask"])  # (B,)
+            loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
         accuracy = ((logits > 0).float() == labels).float().mean()
         logs: dict[str, Any] = {"accuracy": accuracy}
         if rank_weight > 0 and "group" in batch:
@@ -217,7 +236,11 @@ def score_encoded(
     try:
         for start in range(0, len(encoded), batch_size):
             batch = collate(list(encoded[start : start + batch_size]))
-            logits = verifier(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            logits = verifier(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["completion_mask"].to(device),
+            )
             scores.extend(torch.sigmoid(logits).tolist())
     finally:
         verifier.train(was_training)
@@ -274,6 +297,7 @@ def train_verifier(
 
     if not records:
         raise ValueError("no verifier records to train on")
+    verifier.pooling = cfg.pooling  # the stage's config decides how solutions are scored
     if cfg.freeze_trunk:
         for p in verifier.trunk.parameters():
             p.requires_grad_(False)
@@ -290,7 +314,7 @@ def train_verifier(
     trainer = Trainer(
         verifier,
         train_items,
-        make_bce_loss(cfg.pos_weight, cfg.rank_weight),
+        make_bce_loss(cfg.pos_weight, cfg.rank_weight, cfg.pooling),
         train_cfg,
         collate_fn=VerifierCollator(pad),
         eval_fn=eval_fn if eval_items else None,
