@@ -46,6 +46,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "modern_llm.alignment.alignment_pipeline:main",
         "base -> SFT -> DPO -> verifier pipeline + stage table",
     ),
+    "dpo-sweep": (
+        "modern_llm.alignment.dpo_sweep:main",
+        "re-train a pipeline run's DPO stage over an lr x NLL-weight grid",
+    ),
     "test-time": (
         "modern_llm.alignment.test_time:main",
         "self-consistency, best-of-N, revise-and-retry, tools",

@@ -186,3 +186,31 @@ def test_every_alignment_config_file_loads():
         cfg = load_config(cls, path)
         assert cfg.name, path
         assert path.read_text().startswith("#"), f"{path}: the header comment must say how to run it"
+
+
+def test_dpo_sweep_retrains_from_the_saved_sft_policy(tmp_path):
+    from modern_llm.alignment.dpo_sweep import DPOSweepConfig, run
+    from modern_llm.config.base import save_config
+
+    cfg = _tiny_config(tmp_path)
+    cfg.stop_after = "dpo"
+    pipeline_out = run_pipeline(cfg)
+    save_config(cfg, tmp_path / "pipeline.yaml")
+    sweep = DPOSweepConfig(
+        name="sweep",
+        pipeline=str(tmp_path / "pipeline.yaml"),
+        seeds=[0],
+        lrs=[1e-3],
+        sft_weights=[0.0, 1.0],
+        max_steps=2,
+        results_dir=str(tmp_path / "results"),
+    )
+    out = run(sweep)
+    # the sweep's starting point IS the pipeline's SFT policy: same greedy accuracy on the same questions
+    assert out["summary"]["sft"][0] == pipeline_out["per_seed"][0]["stages"]["sft"]["accuracy"]
+    assert set(out["gains"]) == {"lr=0.001,sft_weight=0", "lr=0.001,sft_weight=1"}
+    record = json.loads((tmp_path / "results" / "sweep.json").read_text())
+    assert record["metrics"]["per_seed"]["0"]["sft"] == out["summary"]["sft"][0]
+    assert "gain vs SFT" in (tmp_path / "results" / "sweep.md").read_text()
+    with pytest.raises(FileNotFoundError, match="run the pipeline first"):
+        run(dataclasses.replace(sweep, seeds=[7]))
