@@ -16,3 +16,22 @@ def test_quickstart_fast_writes_report_card(tmp_path, capsys):
     assert (tmp_path / "pretrain" / "loss_curve.png").is_file()
     assert (tmp_path / "quickstart.json").is_file()  # the pipeline's result record
     assert "report card" in capsys.readouterr().out
+
+
+def test_card_does_not_call_a_one_question_change_a_gain(tmp_path):
+    from modern_llm.quickstart import report_card, sampling_noise
+
+    assert sampling_noise(0.5, 100) == pytest.approx(0.0707, abs=1e-4)
+    assert sampling_noise(0.3, 0) == 0.0
+    stages = {"base": 0.05, "sft": 0.30, "dpo": 0.31}
+    summary = {s: {"accuracy": [v, 0.0], "verifier_at_n": [v, 0.0]} for s, v in stages.items()}
+    gains = [
+        {"stage": "base", "metric": "accuracy", "value": [0.05, 0.0]},
+        {"stage": "sft", "metric": "accuracy", "value": [0.30, 0.0], "gain": [0.25, 0.0]},
+        {"stage": "dpo", "metric": "accuracy", "value": [0.31, 0.0], "gain": [0.01, 0.0]},
+    ]
+    aligned = {"summary": summary, "stage_gains": gains, "protocol": {"n_eval_questions": 100}}
+    pre = {"step": 1, "params": 10, "sample": "x"}
+    card = report_card(tmp_path, pre, aligned, 60.0)
+    assert "sft: accuracy +0.250 ± 0.000 (helped)" in card
+    assert "dpo: accuracy +0.010 ± 0.000 (no clear change)" in card

@@ -90,12 +90,19 @@ def align(pretrained: Path, out: Path, seeds: list[int], fast: bool) -> dict[str
             "out_dir": str(out / "alignment"),
             "results_dir": str(out),
             "data.task_args": {"n_train": 400 if fast else 2000, "n_eval": 200},
-            "sft_train.max_steps": 10 if fast else 200,
+            "sft_train.max_steps": 10 if fast else 500,
             "sft_train.warmup_steps": 2 if fast else 20,
             "sft_train.batch_size": 8 if fast else 16,
-            "pairs.n_questions": 16 if fast else 150,
+            "pairs.n_questions": 16 if fast else 300,
             "pairs.num_samples": 4 if fast else 8,
-            "verifier_train.max_steps": 10 if fast else 100,
+            # a right answer reached through a wrong step is a lucky guess, not a chosen/positive example
+            "pairs.strict": True,
+            # every-token BCE + within-question ranking: BCE on the last token alone learned which QUESTIONS
+            # are easy, not which of a question's samples is right (LOG.md); batches then count questions
+            "verifier.pooling": "mean",
+            "verifier.rank_weight": 1.0,
+            "verifier_train.batch_size": 4,
+            "verifier_train.max_steps": 10 if fast else 150,
             "verifier_train.warmup_steps": 2 if fast else 5,
             "dpo_train.max_steps": 5 if fast else 60,
             # plain DPO lowered the chosen log-probs with the rejected ones here (negative result in LOG.md);
@@ -104,7 +111,7 @@ def align(pretrained: Path, out: Path, seeds: list[int], fast: bool) -> dict[str
             "dpo_train.lr": 1e-4,
             "verifier.pos_weight": 4.0,
             "dpo_train.warmup_steps": 1 if fast else 5,
-            "eval.n_questions": 8 if fast else 60,
+            "eval.n_questions": 8 if fast else 100,
             "eval.num_samples": 4 if fast else 8,
             "eval.max_new_tokens": 64 if fast else 128,
         },
@@ -142,6 +149,15 @@ def plot_stage_card(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def sampling_noise(accuracy: float, n_questions: int) -> float:
+    """Standard error of a difference of two accuracies near ``accuracy`` on ``n_questions`` questions each:
+    with one seed the seed spread is 0, and one or two questions flipping is not an effect."""
+    if n_questions <= 0:
+        return 0.0
+    p = min(max(accuracy, 0.0), 1.0)
+    return (2 * p * (1 - p) / n_questions) ** 0.5
+
+
 def report_card(out: Path, pre: dict[str, Any], aligned: dict[str, Any], seconds: float) -> str:
     summary, gains = aligned["summary"], aligned["stage_gains"]
     lines = [
@@ -168,13 +184,19 @@ def report_card(out: Path, pre: dict[str, Any], aligned: dict[str, Any], seconds
         cells = [pm(stage, k) for k in ("accuracy", "maj_at_n", "verifier_at_n", "pass_at_n")]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += ["", "## What each stage added", ""]
+    n_questions = int(aligned.get("protocol", {}).get("n_eval_questions", 0))
     for gain in gains:
         if "gain" not in gain:  # the first stage is the reference point
             lines.append(f"- {gain['stage']}: {gain['metric']} = {gain['value'][0]:.3f} (starting point)")
             continue
         mean, std = gain["gain"]
-        verdict = "helped" if mean - std > 0 else "hurt" if mean + std < 0 else "no clear change"
+        noise = max(std, sampling_noise(gain["value"][0], n_questions))
+        verdict = "helped" if mean - noise > 0 else "hurt" if mean + noise < 0 else "no clear change"
         lines.append(f"- {gain['stage']}: {gain['metric']} {mean:+.3f} ± {std:.3f} ({verdict})")
+    lines.append(
+        f"\n(A change counts as helped/hurt only beyond the seed spread AND the binomial noise of "
+        f"{n_questions} questions, sqrt(2p(1-p)/n).)"
+    )
     lines += ["", "Figures: `stages.png` (this card), `pretrain/loss_curve.png` (pretraining)."]
     card = "\n".join(lines) + "\n"
     (out / "report_card.md").write_text(card)

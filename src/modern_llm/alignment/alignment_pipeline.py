@@ -656,7 +656,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         started=started,
         duration_s=time.time() - t0,
     )
-    return {"summary": summary, "stage_gains": gains, "per_seed": per_seed}
+    return {"summary": summary, "stage_gains": gains, "per_seed": per_seed, "protocol": protocol}
 
 
 def main(argv: list[str] | None = None) -> int:
