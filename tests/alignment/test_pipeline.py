@@ -212,5 +212,12 @@ def test_dpo_sweep_retrains_from_the_saved_sft_policy(tmp_path):
     record = json.loads((tmp_path / "results" / "sweep.json").read_text())
     assert record["metrics"]["per_seed"]["0"]["sft"] == out["summary"]["sft"][0]
     assert "gain vs SFT" in (tmp_path / "results" / "sweep.md").read_text()
+    # a second run with the same grid re-uses the per-seed results instead of training again
+    cache = tmp_path / "runs" / "seed0" / "dpo_sweep" / "results.json"
+    saved = json.loads(cache.read_text())
+    saved["accuracy"]["sft"] = 0.123  # marker: only a re-use can produce it
+    cache.write_text(json.dumps(saved))
+    assert run(sweep)["summary"]["sft"][0] == 0.123
+    assert run(dataclasses.replace(sweep, max_steps=1))["summary"]["sft"][0] != 0.123  # other grid: fresh
     with pytest.raises(FileNotFoundError, match="run the pipeline first"):
         run(dataclasses.replace(sweep, seeds=[7]))

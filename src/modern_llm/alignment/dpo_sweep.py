@@ -12,6 +12,9 @@ value is essentially rejection-sampling finetuning on the chosen solutions (RPO'
 Design choices
 - Nothing is re-sampled: the pairs are exactly the ones the pipeline trained on, so the only thing that varies
   is the DPO optimisation.
+- Each seed's results are kept in ``seed<k>/dpo_sweep/results.json`` with the grid that produced them and
+  re-used by a later run with the same grid, so seeds can be swept as the pipeline finishes them
+  (``--seeds 0`` now, ``--seeds 0,1,2`` later for the aggregated record).
 - Greedy accuracy only (no N samples): it is the pipeline's headline number for the DPO stage and keeps a
   grid point at about a minute on one CPU core for the scratch model.
 """
@@ -80,6 +83,13 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
     from modern_llm.training.train_sft import load_policy
 
     seed_dir = Path(pipe.out_dir) / f"seed{seed}"
+    cache = seed_dir / "dpo_sweep" / "results.json"
+    grid = {"lrs": cfg.lrs, "sft_weights": cfg.sft_weights, "beta": cfg.beta, "max_steps": cfg.max_steps}
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("grid") == grid:
+            log.info("seed %d: re-using %s", seed, cache)
+            return saved["accuracy"]
     policy_dir, pairs_file = seed_dir / "sft_final", seed_dir / "pairs.jsonl"
     if not policy_dir.is_dir() or not pairs_file.is_file():
         raise FileNotFoundError(
@@ -100,20 +110,19 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
     for lr, weight in itertools.product(cfg.lrs, cfg.sft_weights):
         model, _ = load_policy(policy_dir)
         dpo_cfg = dataclasses.replace(pipe.dpo, beta=cfg.beta, sft_weight=weight)
-        run_dir = seed_dir / "dpo_sweep" / variant_name(lr, weight)
+        name = variant_name(lr, weight)
+        run_dir = seed_dir / "dpo_sweep" / name
         shutil.rmtree(run_dir, ignore_errors=True)  # the sweep's own scratch folder: a re-run starts over
         train_cfg = dataclasses.replace(
-            _seeded(pipe.dpo_train, seed, run_dir, len(pairs)), lr=lr, max_steps=cfg.max_steps
+            _seeded(pipe.dpo_train, seed, run_dir, len(pairs)),
+            lr=lr,
+            max_steps=cfg.max_steps,
+            warmup_steps=min(pipe.dpo_train.warmup_steps, cfg.max_steps),
         )
         train_dpo(model, tokenizer, pairs, dpo_cfg, train_cfg)
-        out[variant_name(lr, weight)] = accuracy(model)
-        log.info(
-            "seed %d: %s -> %.3f (SFT %.3f)",
-            seed,
-            variant_name(lr, weight),
-            out[variant_name(lr, weight)],
-            out["sft"],
-        )
+        out[name] = accuracy(model)
+        log.info("seed %d: %s -> %.3f (SFT %.3f)", seed, name, out[name], out["sft"])
+    cache.write_text(json.dumps({"grid": grid, "accuracy": out}, indent=1) + "\n")
     return out
 
 
