@@ -358,3 +358,26 @@ def test_main_help_and_config_validation(capsys):
         tt.TestTimeConfig(tools="maybe")
     with pytest.raises(ValueError, match="ns="):
         tt.TestTimeConfig(n_max=8, ns=[1, 16])
+
+
+def test_every_test_time_config_file_loads():
+    from pathlib import Path
+
+    from modern_llm.config.base import load_config
+
+    folder = Path(__file__).resolve().parents[2] / "configs" / "test_time"
+    files = sorted(folder.glob("*.yaml"))
+    assert files
+    for path in files:
+        cfg = load_config(tt.TestTimeConfig, path)
+        assert cfg.name and cfg.n_questions >= 1, path
+
+
+def test_instruction_override_reaches_the_prompt():
+    from modern_llm.training.train_sft import TaskDataConfig, load_task
+
+    data = TaskDataConfig(task="arithmetic", task_args={"n_train": 4, "n_eval": 2})
+    example = load_task(data).load("test", limit=1)[0]
+    default = load_task(data).render_prompt(example)
+    short = load_task(data, "Solve.").render_prompt(example)
+    assert "Solve." in short and "Solve." not in default and short != default

@@ -293,9 +293,7 @@ def _seeded(cfg: TrainConfig, seed: int, out_dir: Path, n_examples: int | None =
 
 
 def _task_and_data(cfg: PipelineConfig):
-    task = load_task(cfg.data)
-    if cfg.instruction is not None:
-        task.instruction = cfg.instruction  # instance override of the class default
+    task = load_task(cfg.data, cfg.instruction)
     eval_examples = task.load(cfg.eval.split, data_dir=cfg.data.data_dir, limit=cfg.eval.n_questions)
     want = None if cfg.data.limit is None else cfg.offset + cfg.data.limit
     train_all = task.load(cfg.data.split, data_dir=cfg.data.data_dir, limit=want)

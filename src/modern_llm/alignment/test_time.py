@@ -749,6 +749,7 @@ class TestTimeConfig:
     verifier: str | None = None  # save_verifier folder; for scratch, the prepared verifier is the default
     score: str = "verifier"  # scores for reranking/revision: "verifier" | "agreement" | "none"
     data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    instruction: str | None = None  # the task's instruction line as the policy was trained (None = default)
     eval_split: str = "test"
     n_questions: int = 50
     shots: int = 0  # fixed demonstrations in every prompt
@@ -772,7 +773,10 @@ class TestTimeConfig:
         if self.score not in ("verifier", "agreement", "none"):
             raise ValueError(f"score must be 'verifier', 'agreement' or 'none', got {self.score!r}")
         if self.tools not in ("off", "on", "compare"):
-            raise ValueError(f"tools must be 'off', 'on' or 'compare', got {self.tools!r}")
+            hint = (
+                " (YAML reads a bare on/off as true/false: quote it)" if isinstance(self.tools, bool) else ""
+            )
+            raise ValueError(f"tools must be 'off', 'on' or 'compare', got {self.tools!r}{hint}")
         if self.n_max < 1 or self.n_questions < 1:
             raise ValueError(f"n_max ({self.n_max}) and n_questions ({self.n_questions}) must be >= 1")
         if not self.ns or min(self.ns) < 1 or max(self.ns) > self.n_max:
@@ -844,7 +848,7 @@ def prepare_scratch(cfg: TestTimeConfig) -> tuple[Path, Path, dict[str, Any]]:
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         return policy_dir, verifier_dir, summary
     t0 = time.time()
-    task = load_task(cfg.data)
+    task = load_task(cfg.data, cfg.instruction)
     train = task.load(cfg.data.split, data_dir=cfg.data.data_dir, limit=cfg.data.limit)
     model, tokenizer = build_scratch_policy(p.scratch, scratch_tokenizer_texts(task, train), cfg.seed)
     sft = train_sft(
@@ -974,7 +978,7 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
     if cfg.model == "scratch":
         policy_dir, verifier_dir, prepared = prepare_scratch(cfg)
         policy, verifier_path = str(policy_dir), verifier_path or str(verifier_dir)
-    task = load_task(cfg.data)
+    task = load_task(cfg.data, cfg.instruction)
     examples = task.load(cfg.eval_split, data_dir=cfg.data.data_dir, limit=cfg.n_questions)
     model, tokenizer = load_policy(policy)
     model = generation_model(model).eval()

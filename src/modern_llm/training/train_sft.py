@@ -251,10 +251,15 @@ def trainer_run_config(model: nn.Module, stage_cfg: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_task(cfg: TaskDataConfig):
+def load_task(cfg: TaskDataConfig, instruction: str | None = None):
+    """The task object; ``instruction`` replaces its instruction line (a policy trained with another prompt
+    must be evaluated with that prompt)."""
     from modern_llm.data.task_datasets import get_task
 
-    return get_task(cfg.task, **cfg.task_args)
+    task = get_task(cfg.task, **cfg.task_args)
+    if instruction is not None:
+        task.instruction = instruction  # instance override of the class default
+    return task
 
 
 def task_examples(cfg: TaskDataConfig, split: str | None = None, limit: int | None = None):
