@@ -1,5 +1,7 @@
 """The README's main job, in its seconds-long --fast form: every stage runs and the card is written."""
 
+import json
+
 import pytest
 
 from modern_llm.quickstart import main
@@ -7,7 +9,7 @@ from modern_llm.quickstart import main
 
 @pytest.mark.slow
 def test_quickstart_fast_writes_report_card(tmp_path, capsys):
-    assert main(["--fast", "--out", str(tmp_path)]) == 0
+    assert main(["--fast", "--out", str(tmp_path), "--save-to", str(tmp_path / "saved")]) == 0
     card = (tmp_path / "report_card.md").read_text()
     for stage in ("| base |", "| sft |", "| dpo |", "| dpo+verifier |"):
         assert stage in card
@@ -15,6 +17,14 @@ def test_quickstart_fast_writes_report_card(tmp_path, capsys):
     assert (tmp_path / "stages.png").stat().st_size > 1000
     assert (tmp_path / "pretrain" / "loss_curve.png").is_file()
     assert (tmp_path / "quickstart.json").is_file()  # the pipeline's result record
+    run_record = json.loads((tmp_path / "quickstart_run.json").read_text())
+    assert run_record["name"] == "quickstart-fast" and run_record["metrics"]["total_wall_s"] > 0
+    assert set(run_record["metrics"]["stages"]) == {"base", "sft", "dpo", "dpo+verifier"}
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
+        "quickstart_run.json",
+        "report_card.md",
+        "stages.png",
+    ]
     assert "report card" in capsys.readouterr().out
 
 

@@ -204,6 +204,37 @@ def report_card(out: Path, pre: dict[str, Any], aligned: dict[str, Any], seconds
     return card
 
 
+def write_run_record(
+    out: Path, pre: dict[str, Any], aligned: dict[str, Any], started: str, seconds: float, fast: bool
+) -> Path:
+    """The whole run as one result record (pretraining numbers, every stage, total wall time)."""
+    import os
+
+    import torch
+
+    from modern_llm.utils.records import write_record
+
+    pretrain_metrics = {k: v for k, v in pre.items() if k.startswith("eval/") or k in ("step", "params")}
+    return write_record(
+        out / "quickstart_run.json",
+        name="quickstart-fast" if fast else "quickstart",
+        task="quickstart/arithmetic",
+        model="scratch ModernDecoderLM (pretrained in the run)",
+        metrics={
+            "pretrain": pretrain_metrics,
+            "stages": aligned["summary"],
+            "total_wall_s": round(seconds, 1),
+        },
+        protocol=aligned.get("protocol", {})
+        | {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        seed=int(aligned["per_seed"][0]["seed"]) if aligned.get("per_seed") else None,
+        device="cpu",
+        dtype="fp32",
+        started=started,
+        duration_s=seconds,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="modern-llm quickstart",
@@ -213,18 +244,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/quickstart", help="folder for checkpoints, records and the card")
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the alignment stages")
     p.add_argument("--fast", action="store_true", help="seconds-long smoke version (tests/CI)")
+    p.add_argument(
+        "--save-to",
+        default=None,
+        help="also copy the card, its PNG and the run's record here (e.g. experiments/quickstart)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
-    t0 = time.time()
+    from modern_llm.utils.records import now_iso
+
+    started, t0 = now_iso(), time.time()
     print("[1/3] tokenizer + pretraining", flush=True)
     pretrained, pre = pretrain(out, args.fast)
     print("[2/3] SFT -> pairs -> verifier -> DPO -> evaluation of every stage", flush=True)
     aligned = align(pretrained, out, [int(s) for s in args.seeds.split(",")], args.fast)
     print("[3/3] report card", flush=True)
     card = report_card(out, pre, aligned, time.time() - t0)
+    record = write_run_record(out, pre, aligned, started, time.time() - t0, args.fast)
     print(card)
-    print(f"saved: {out / 'report_card.md'}, {out / 'stages.png'}")
+    print(f"saved: {out / 'report_card.md'}, {out / 'stages.png'}, {record}")
+    if args.save_to:
+        import shutil
+
+        dest = Path(args.save_to)
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in (out / "report_card.md", out / "stages.png", record):
+            shutil.copy2(path, dest / path.name)
+        print(f"copied to {dest}")
     return 0
 
 
