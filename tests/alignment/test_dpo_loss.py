@@ -38,6 +38,23 @@ def test_cdpo_label_smoothing_matches_hand_computed_value():
     assert float(out.losses[1]) == pytest.approx(math.log(2.0), abs=1e-6)  # smoothing is symmetric at h = 0
 
 
+def test_dpo_positive_penalises_only_chosen_below_reference():
+    # pair 0: chosen log-ratio -2 (fell below the reference), rejected -3; pair 1: chosen +1, rejected -1
+    policy_c, policy_r = torch.tensor([-4.0, -1.0]), torch.tensor([-6.0, -3.0])
+    ref_c, ref_r = torch.tensor([-2.0, -2.0]), torch.tensor([-3.0, -2.0])
+    out = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.5, dpop_lambda=2.0)
+    # pair 0: h = 0.5 * (-2 - (-3) - 2 * 2) = -1.5; pair 1: no penalty, h = 0.5 * (1 + 1) = 1
+    expected = [math.log1p(math.exp(1.5)), math.log1p(math.exp(-1.0))]
+    assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
+    plain = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.5)
+    assert float(plain.losses[1]) == pytest.approx(
+        float(out.losses[1])
+    )  # lambda is inert above the reference
+    assert out.chosen_rewards.tolist() == pytest.approx(plain.chosen_rewards.tolist())  # rewards unchanged
+    with pytest.raises(ValueError, match="dpop_lambda"):
+        dpo_loss(policy_c, policy_r, ref_c, ref_r, loss_type="ipo", dpop_lambda=1.0)
+
+
 def test_ipo_matches_hand_computed_value():
     out = dpo_loss(*_toy(), beta=0.5, loss_type="ipo")
     # d = 1 - (-1) = 2, 1/(2 beta) = 1 -> (2 - 1)^2 = 1; pair 1: (0 - 1)^2 = 1

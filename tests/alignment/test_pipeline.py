@@ -202,13 +202,14 @@ def test_dpo_sweep_retrains_from_the_saved_sft_policy(tmp_path):
         seeds=[0],
         lrs=[1e-3],
         sft_weights=[0.0, 1.0],
+        dpop_lambdas=[0.0],
         max_steps=2,
         results_dir=str(tmp_path / "results"),
     )
     out = run(sweep)
     # the sweep's starting point IS the pipeline's SFT policy: same greedy accuracy on the same questions
     assert out["summary"]["sft"][0] == pipeline_out["per_seed"][0]["stages"]["sft"]["accuracy"]
-    assert set(out["gains"]) == {"lr=0.001,sft_weight=0", "lr=0.001,sft_weight=1"}
+    assert set(out["gains"]) == {"lr=0.001,sft_weight=0,dpop=0", "lr=0.001,sft_weight=1,dpop=0"}
     record = json.loads((tmp_path / "results" / "sweep.json").read_text())
     assert record["metrics"]["per_seed"]["0"]["sft"] == out["summary"]["sft"][0]
     assert "gain vs SFT" in (tmp_path / "results" / "sweep.md").read_text()

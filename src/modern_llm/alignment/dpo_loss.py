@@ -6,6 +6,10 @@ implicit reward of a completion is ``r(y) = beta * (log pi(y|x) - log pi_ref(y|x
 - ``sigmoid`` (DPO):  loss = -log sigmoid(r(y_w) - r(y_l))
 - ``sigmoid`` with ``label_smoothing = eps`` (conservative DPO, cDPO: the label is wrong with prob. eps):
       loss = -(1 - eps) log sigmoid(h) - eps log sigmoid(-h),   h = r(y_w) - r(y_l)
+- ``sigmoid`` with ``dpop_lambda = lam`` (DPO-Positive, Pal et al., 2024, "Smaug", eq. 3): h gets the extra
+  term ``- lam * max(0, log pi_ref(y_w) - log pi(y_w))``, so lowering the chosen completion's likelihood below
+  the reference costs reward. Aimed at pairs that differ in a few tokens (math: one wrong digit), where plain
+  DPO can lower both completions and still widen the margin.
 - ``ipo`` (Azar et al., 2023, eq. 17): loss = (d - 1 / (2 beta))^2 with d = the *un-scaled* log-ratio
   difference ``(pi_w - ref_w) - (pi_l - ref_l)``; beta is IPO's regularisation tau.
 
@@ -109,6 +113,7 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    dpop_lambda: float = 0.0,
 ) -> DPOOutput:
     """Per-pair DPO/cDPO/IPO losses and implicit rewards from (B,) sequence log-probs; see module docstring."""
     if beta <= 0:
@@ -119,6 +124,8 @@ def dpo_loss(
         )
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if dpop_lambda < 0 or (dpop_lambda > 0 and loss_type != "sigmoid"):
+        raise ValueError(f"dpop_lambda must be >= 0 and is defined for the sigmoid loss, got {dpop_lambda}")
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError(
             "pass both chosen_lengths and rejected_lengths (IPO length normalisation) or neither"
@@ -135,7 +142,8 @@ def dpo_loss(
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
 
     if loss_type == "sigmoid":
-        h = beta * (chosen_logratios - rejected_logratios)
+        penalty = dpop_lambda * torch.clamp(-chosen_logratios, min=0.0)  # chosen fell below the reference
+        h = beta * (chosen_logratios - rejected_logratios - penalty)
         losses = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
     else:  # ipo
         if chosen_lengths is not None:

@@ -3,11 +3,12 @@
     modern-llm dpo-sweep --pipeline configs/alignment/arithmetic_scratch_strict.yaml --seeds 0,1,2
 
 For every seed folder the alignment pipeline left (``sft_final/`` + ``pairs.jsonl``, written with
-``save_models``) and every grid point (lr x sft_weight, at ``beta``), the DPO stage is trained again from the
-same SFT policy on the same pairs (``training.train_dpo``, the one trainer) and scored with greedy accuracy
-on the pipeline's own eval questions (``evaluate_policy``'s greedy half through the one engine). The table says
-whether a DPO result is a robust effect or a lucky hyper-parameter; ``sft_weight`` = 0 is plain DPO, a large
-value is essentially rejection-sampling finetuning on the chosen solutions (RPO's NLL term dominates).
+``save_models``) and every grid point (lr x sft_weight x dpop_lambda, at ``beta``), the DPO stage is trained
+again from the same SFT policy on the same pairs (``training.train_dpo``, the one trainer) and scored with
+greedy accuracy on the pipeline's own eval questions through the one engine. The table says whether a DPO
+result is a robust effect or a lucky hyper-parameter. ``sft_weight`` = 0 and ``dpop_lambda`` = 0 is plain
+DPO; a large ``sft_weight`` is essentially rejection-sampling finetuning on the chosen solutions (RPO's NLL
+term dominates); ``dpop_lambda`` > 0 is DPO-Positive.
 
 Design choices
 - Nothing is re-sampled: the pairs are exactly the ones the pipeline trained on, so the only thing that varies
@@ -42,16 +43,18 @@ class DPOSweepConfig:
     name: str = "dpo-sweep-arithmetic-scratch-strict"
     pipeline: str = "configs/alignment/arithmetic_scratch_strict.yaml"  # the run to re-use (its out_dir)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    lrs: list[float] = field(default_factory=lambda: [2e-5, 1e-4])
+    lrs: list[float] = field(default_factory=lambda: [1e-4])
     sft_weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 100.0])
+    # DPO-Positive penalty (Pal et al. 2024 used 50): chosen log-probs may not fall below the reference
+    dpop_lambdas: list[float] = field(default_factory=lambda: [0.0, 50.0])
     beta: float = 0.1
     max_steps: int = 60
     results_dir: str = "experiments/alignment"
     threads: int = 1
 
     def __post_init__(self) -> None:
-        if not self.seeds or not self.lrs or not self.sft_weights:
-            raise ValueError("seeds, lrs and sft_weights must each list at least one value")
+        if not self.seeds or not self.lrs or not self.sft_weights or not self.dpop_lambdas:
+            raise ValueError("seeds, lrs, sft_weights and dpop_lambdas must each list at least one value")
         if any(lr <= 0 for lr in self.lrs):
             raise ValueError(f"lrs must be > 0, got {self.lrs}")
 
@@ -84,7 +87,13 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
 
     seed_dir = Path(pipe.out_dir) / f"seed{seed}"
     cache = seed_dir / "dpo_sweep" / "results.json"
-    grid = {"lrs": cfg.lrs, "sft_weights": cfg.sft_weights, "beta": cfg.beta, "max_steps": cfg.max_steps}
+    grid = {
+        "lrs": cfg.lrs,
+        "sft_weights": cfg.sft_weights,
+        "dpop_lambdas": cfg.dpop_lambdas,
+        "beta": cfg.beta,
+        "max_steps": cfg.max_steps,
+    }
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("grid") == grid:
@@ -107,10 +116,10 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
         )
 
     out = {"sft": accuracy(model)}
-    for lr, weight in itertools.product(cfg.lrs, cfg.sft_weights):
+    for lr, weight, dpop in itertools.product(cfg.lrs, cfg.sft_weights, cfg.dpop_lambdas):
         model, _ = load_policy(policy_dir)
-        dpo_cfg = dataclasses.replace(pipe.dpo, beta=cfg.beta, sft_weight=weight)
-        name = variant_name(lr, weight)
+        dpo_cfg = dataclasses.replace(pipe.dpo, beta=cfg.beta, sft_weight=weight, dpop_lambda=dpop)
+        name = variant_name(lr, weight, dpop)
         run_dir = seed_dir / "dpo_sweep" / name
         shutil.rmtree(run_dir, ignore_errors=True)  # the sweep's own scratch folder: a re-run starts over
         train_cfg = dataclasses.replace(
@@ -126,8 +135,8 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
     return out
 
 
-def variant_name(lr: float, sft_weight: float) -> str:
-    return f"lr={lr:g},sft_weight={sft_weight:g}"
+def variant_name(lr: float, sft_weight: float, dpop_lambda: float) -> str:
+    return f"lr={lr:g},sft_weight={sft_weight:g},dpop={dpop_lambda:g}"
 
 
 def run(cfg: DPOSweepConfig) -> dict[str, Any]:
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv,
         prog="modern-llm dpo-sweep",
         description="Re-train the DPO stage of a finished alignment-pipeline run over a small grid "
-        "(lr x chosen-NLL weight) from the same SFT policy and pairs; greedy accuracy per grid point.",
+        "(lr x chosen-NLL weight x DPOP lambda) from the same SFT policy and pairs; greedy accuracy per grid point.",
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = run(cfg)

@@ -70,6 +70,7 @@ class DPOConfig:
     ipo_length_normalize: bool = True  # IPO on per-token log-ratios (TRL's convention)
     reference: str = "policy"  # "policy" (the starting model) | "adapter_disabled" (LoRA base)
     sft_weight: float = 0.0  # + weight * chosen per-token NLL (RPO); 0 = plain DPO
+    dpop_lambda: float = 0.0  # DPO-Positive penalty on chosen log-probs falling below the reference; 0 = off
     max_length: int = 512
     chat: bool = True  # render message prompts with the chat template (else HH "Human:/Assistant:" text)
 
@@ -84,6 +85,10 @@ class DPOConfig:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0:
             raise ValueError(f"dpo.sft_weight must be >= 0 (0 = plain DPO), got {self.sft_weight}")
+        if self.dpop_lambda < 0 or (self.dpop_lambda > 0 and self.loss_type != "sigmoid"):
+            raise ValueError(
+                f"dpo.dpop_lambda must be >= 0 and needs loss_type sigmoid, got {self.dpop_lambda}"
+            )
 
 
 @dataclass
@@ -218,6 +223,7 @@ def make_dpo_loss(cfg: DPOConfig):
             loss_type=cfg.loss_type,
             chosen_lengths=chosen_len if normalize else None,
             rejected_lengths=rejected_len if normalize else None,
+            dpop_lambda=cfg.dpop_lambda,
         )
         metrics = {
             "rewards/chosen": out.chosen_rewards.mean(),
