@@ -106,8 +106,8 @@ def align(pretrained: Path, out: Path, seeds: list[int], fast: bool) -> dict[str
             "verifier_train.warmup_steps": 2 if fast else 5,
             "dpo_train.max_steps": 5 if fast else 60,
             # plain DPO lowered the chosen log-probs with the rejected ones here (negative result in LOG.md);
-            # the chosen-NLL term (RPO) and a lower LR keep the policy on its correct solutions
-            "dpo.sft_weight": 1.0,
+            # DPO-Positive penalises exactly that (the strict alignment config's choice, see dpo-sweep)
+            "dpo.dpop_lambda": 50.0,
             "dpo_train.lr": 1e-4,
             "verifier.pos_weight": 4.0,
             "dpo_train.warmup_steps": 1 if fast else 5,
