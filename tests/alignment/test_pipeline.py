@@ -211,7 +211,10 @@ def test_dpo_sweep_retrains_from_the_saved_sft_policy(tmp_path):
     assert out["summary"]["sft"][0] == pipeline_out["per_seed"][0]["stages"]["sft"]["accuracy"]
     assert set(out["gains"]) == {"lr=0.001,sft_weight=0,dpop=0", "lr=0.001,sft_weight=1,dpop=0"}
     record = json.loads((tmp_path / "results" / "sweep.json").read_text())
-    assert record["metrics"]["per_seed"]["0"]["sft"] == out["summary"]["sft"][0]
+    assert record["metrics"]["per_seed"]["sft"]["seed0"] == out["summary"]["sft"][0]
+    assert record["metrics"]["variants"]["lr=0.001,sft_weight=1,dpop=0"]["gain_vs_sft"] == pytest.approx(
+        out["gains"]["lr=0.001,sft_weight=1,dpop=0"]
+    )
     assert "gain vs SFT" in (tmp_path / "results" / "sweep.md").read_text()
     # a second run with the same grid re-uses the per-seed results instead of training again
     cache = tmp_path / "runs" / "seed0" / "dpo_sweep" / "results.json"

@@ -86,19 +86,11 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
     from modern_llm.training.train_sft import load_policy
 
     seed_dir = Path(pipe.out_dir) / f"seed{seed}"
-    cache = seed_dir / "dpo_sweep" / "results.json"
-    grid = {
-        "lrs": cfg.lrs,
-        "sft_weights": cfg.sft_weights,
-        "dpop_lambdas": cfg.dpop_lambdas,
-        "beta": cfg.beta,
-        "max_steps": cfg.max_steps,
-    }
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        if saved.get("grid") == grid:
-            log.info("seed %d: re-using %s", seed, cache)
-            return saved["accuracy"]
+    cache, grid = _cache_file(pipe, seed), _grid(cfg)
+    saved = cached_results(cfg, pipe, seed)
+    if saved is not None:
+        log.info("seed %d: re-using %s", seed, cache)
+        return saved
     policy_dir, pairs_file = seed_dir / "sft_final", seed_dir / "pairs.jsonl"
     if not policy_dir.is_dir() or not pairs_file.is_file():
         raise FileNotFoundError(
@@ -135,6 +127,29 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
     return out
 
 
+def _grid(cfg: DPOSweepConfig) -> dict[str, Any]:
+    return {
+        "lrs": cfg.lrs,
+        "sft_weights": cfg.sft_weights,
+        "dpop_lambdas": cfg.dpop_lambdas,
+        "beta": cfg.beta,
+        "max_steps": cfg.max_steps,
+    }
+
+
+def _cache_file(pipe: Any, seed: int) -> Path:
+    return Path(pipe.out_dir) / f"seed{seed}" / "dpo_sweep" / "results.json"
+
+
+def cached_results(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float] | None:
+    """A seed's saved accuracies when they were produced by this exact grid, else None."""
+    cache = _cache_file(pipe, seed)
+    if not cache.is_file():
+        return None
+    saved = json.loads(cache.read_text())
+    return saved["accuracy"] if saved.get("grid") == _grid(cfg) else None
+
+
 def variant_name(lr: float, sft_weight: float, dpop_lambda: float) -> str:
     return f"lr={lr:g},sft_weight={sft_weight:g},dpop={dpop_lambda:g}"
 
@@ -149,6 +164,7 @@ def run(cfg: DPOSweepConfig) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     started, t0 = now_iso(), time.time()
     pipe = load_config(PipelineConfig, cfg.pipeline)
+    reused = [seed for seed in cfg.seeds if cached_results(cfg, pipe, seed) is not None]
     per_seed = {seed: sweep_seed(cfg, pipe, seed) for seed in cfg.seeds}
     names = list(per_seed[cfg.seeds[0]])
     summary = {k: list(metrics.mean_std([per_seed[s][k] for s in cfg.seeds])) for k in names}
@@ -163,10 +179,14 @@ def run(cfg: DPOSweepConfig) -> dict[str, Any]:
         name=cfg.name,
         task=f"alignment/{pipe.data.task}",
         model=pipe.model,
+        # one row per variant (the report's tables read rows from the first nested level)
         metrics={
-            "greedy_accuracy": summary,
-            "gain_vs_sft": gains,
-            "per_seed": {str(s): v for s, v in per_seed.items()},
+            "variants": {
+                name: {"greedy_accuracy": summary[name]}
+                | ({"gain_vs_sft": gains[name]} if name in gains else {})
+                for name in names
+            },
+            "per_seed": {name: {f"seed{s}": per_seed[s][name] for s in cfg.seeds} for name in names},
         },
         protocol={
             "pipeline": cfg.pipeline,
@@ -175,6 +195,8 @@ def run(cfg: DPOSweepConfig) -> dict[str, Any]:
             "max_steps": cfg.max_steps,
             "pairs": "the pipeline run's own on-policy pairs (seed<k>/pairs.jsonl), not re-sampled",
             "seeds": cfg.seeds,
+            # duration_s covers this invocation only; these seeds' results were computed by an earlier one
+            "seeds_reused_from_cache": reused,
             "config": dataclasses.asdict(cfg),
         },
         seed=cfg.seeds[0],
