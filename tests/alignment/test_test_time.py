@@ -381,3 +381,15 @@ def test_instruction_override_reaches_the_prompt():
     default = load_task(data).render_prompt(example)
     short = load_task(data, "Solve.").render_prompt(example)
     assert "Solve." in short and "Solve." not in default and short != default
+
+
+def test_step_check_scorer_rewards_right_arithmetic_only():
+    from modern_llm.data.task_datasets import get_task
+
+    scorer = tt.StepCheckScorer(get_task("arithmetic"))
+    assert scorer("q", "She has 3 + 9 = 12 cookies.\n#### 12") == 1.0
+    assert scorer("q", "She has 3 + 9 = 14 cookies.\n#### 14") == 0.0
+    assert scorer("q", "#### 12") == 0.5  # nothing to check
+    with pytest.raises(ValueError, match="steps_valid"):
+        tt.StepCheckScorer(get_task("sst2"))
+    assert tt.TestTimeConfig(score="steps", revise_targets=["best_of_n"]).score == "steps"

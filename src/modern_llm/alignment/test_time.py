@@ -209,6 +209,24 @@ class VerifierScorer:
         return self.score_batch([question], [solution])[0]
 
 
+class StepCheckScorer:
+    """Rule-based scorer: the exact calculator re-checks every arithmetic step (``task.steps_valid``).
+
+    1.0 when every checkable step is right, 0.5 when nothing is checkable, 0.0 when a step is wrong. It
+    knows nothing but arithmetic (a copied-wrong number or a wrong operation passes), so it is the reference
+    for what a learned verifier on arithmetic tasks could buy by checking the arithmetic alone.
+    """
+
+    def __init__(self, task: Any):
+        if not hasattr(task, "steps_valid"):
+            raise ValueError(f"score: steps needs a math task with steps_valid, got {type(task).__name__}")
+        self.task = task
+
+    def __call__(self, question: str, solution: str) -> float:
+        verdict = self.task.steps_valid(solution)
+        return 0.5 if verdict is None else float(verdict)
+
+
 def agreement_scorer(runs: Sequence[QuestionRun], task: Any) -> ScoreFn:
     """Training-free confidence: the fraction of the question's sampled answers equal to the attempt's answer.
 
@@ -747,7 +765,9 @@ class TestTimeConfig:
     name: str = "test-time-arithmetic-scratch"
     model: str = "scratch"  # "scratch" (see prepare) | policy folder | HF folder | registry name
     verifier: str | None = None  # save_verifier folder; for scratch, the prepared verifier is the default
-    score: str = "verifier"  # scores for reranking/revision: "verifier" | "agreement" | "none"
+    # scores for reranking/revision: "verifier" (trained) | "steps" (calculator re-checks each step) |
+    # "agreement" (share of the question's samples with the same answer) | "none"
+    score: str = "verifier"
     data: TaskDataConfig = field(default_factory=TaskDataConfig)
     instruction: str | None = None  # the task's instruction line as the policy was trained (None = default)
     eval_split: str = "test"
@@ -770,8 +790,8 @@ class TestTimeConfig:
     samples_dir: str = "runs/test_time"  # per-sample JSONL (not committed)
 
     def __post_init__(self) -> None:
-        if self.score not in ("verifier", "agreement", "none"):
-            raise ValueError(f"score must be 'verifier', 'agreement' or 'none', got {self.score!r}")
+        if self.score not in ("verifier", "steps", "agreement", "none"):
+            raise ValueError(f"score must be 'verifier', 'steps', 'agreement' or 'none', got {self.score!r}")
         if self.tools not in ("off", "on", "compare"):
             hint = (
                 " (YAML reads a bare on/off as true/false: quote it)" if isinstance(self.tools, bool) else ""
@@ -784,8 +804,8 @@ class TestTimeConfig:
         bad = [t for t in self.revise_targets if t not in ("greedy", "best_of_n")]
         if bad:
             raise ValueError(f"revise_targets entries must be 'greedy' or 'best_of_n', got {bad}")
-        if "best_of_n" in self.revise_targets and self.score != "verifier":
-            raise ValueError("revise_targets 'best_of_n' needs score: verifier")
+        if "best_of_n" in self.revise_targets and self.score not in ("verifier", "steps"):
+            raise ValueError("revise_targets 'best_of_n' needs score: verifier or steps")
 
 
 def _sampling_params(cfg: TestTimeConfig, seed: int):
@@ -994,6 +1014,8 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
         from modern_llm.models.verifier import load_verifier
 
         score_fn = VerifierScorer(load_verifier(verifier_path), tokenizer, cfg.data.max_length)
+    elif cfg.score == "steps":
+        score_fn = StepCheckScorer(task)
     conditions = {"off": ["tool_off"], "on": ["tool_on"], "compare": ["tool_off", "tool_on"]}[cfg.tools]
     results: dict[str, Any] = {}
     all_runs: dict[str, list[QuestionRun]] = {}
