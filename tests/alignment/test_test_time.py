@@ -349,6 +349,19 @@ def test_run_experiment_end_to_end_writes_record_and_plot(model, tok, tmp_path):
     lines = (tmp_path / "samples" / "tiny" / "tool_on.jsonl").read_text().splitlines()
     assert len(lines) == 2 and len(json.loads(lines[0])["samples"]) == 4
 
+    # rescoring the saved samples with the step checker reproduces the same curves for the score-free methods
+    samples = str(tmp_path / "samples" / "tiny")
+    rescore = argv + ["--name", "again", "--score", "steps", "--rescore_from", samples]
+    assert tt.main(rescore) == 0
+    again = json.loads((exp / "again.json").read_text())["metrics"]["accuracy"]
+    for condition in ("tool_off", "tool_on"):
+        for method in ("greedy", "majority", "oracle_pass_at_n"):
+            assert again[condition][method] == grid["metrics"]["accuracy"][condition][method]
+    with pytest.raises(ValueError, match="rescore_from needs"):
+        tt.run_experiment(
+            tt.TestTimeConfig(score="verifier", rescore_from=str(tmp_path / "samples" / "tiny"))
+        )
+
 
 def test_main_help_and_config_validation(capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -788,6 +788,9 @@ class TestTimeConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     results_dir: str = "experiments/test_time"
     samples_dir: str = "runs/test_time"  # per-sample JSONL (not committed)
+    # a samples folder of an earlier run (<samples_dir>/<name>): score its saved samples with ``score``
+    # instead of generating (no model is loaded; revise-and-retry, which needs the model, is skipped)
+    rescore_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.score not in ("verifier", "steps", "agreement", "none"):
@@ -983,9 +986,74 @@ def _revise_all(cfg, model, tokenizer, task, runs, score_fn, stop_ids, tools, sh
     return out
 
 
+def load_runs(path: str | Path) -> list[QuestionRun]:
+    """Question runs saved by ``_write_samples`` (the example keeps only its id and gold answer)."""
+    from modern_llm.data.task_datasets import TaskExample
+
+    runs = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            runs.append(
+                QuestionRun(
+                    TaskExample(id=row["id"], text="", answer=row["gold"]),
+                    row["prompt"],
+                    Attempt(**row["greedy"]),
+                    [Attempt(**s) for s in row["samples"]],
+                )
+            )
+    return runs
+
+
+def rescore_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
+    """Re-rank the saved samples of an earlier run with another scorer (same samples, no generation)."""
+    from modern_llm.training.train_sft import load_task
+    from modern_llm.utils.records import now_iso
+
+    started, t0 = now_iso(), time.time()
+    if cfg.score not in ("steps", "agreement"):
+        raise ValueError("rescore_from needs a scorer without a model: score steps or agreement")
+    task = load_task(cfg.data, cfg.instruction)
+    folder = Path(cfg.rescore_from)
+    conditions = {"off": ["tool_off"], "on": ["tool_on"], "compare": ["tool_off", "tool_on"]}[cfg.tools]
+    results: dict[str, Any] = {}
+    for condition in conditions:
+        path = folder / f"{condition}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: rescore_from must be a samples folder of a run")
+        runs = load_runs(path)
+        score_fn = StepCheckScorer(task) if cfg.score == "steps" else agreement_scorer(runs, task)
+        attach_scores(runs, score_fn)
+        results[condition] = _condition_summary(runs, cfg)
+        results[condition]["scorer"] = scorer_quality(runs, score_fn)
+        n_questions, n_max = len(runs), len(runs[0].samples)
+        log.info("%s: %s", condition, _headline(results[condition]))
+    figure = plot_curves(
+        {c: r["accuracy_vs_n"] for c, r in results.items()},
+        Path(cfg.results_dir) / f"{cfg.name}-accuracy-vs-n.png",
+        f"{cfg.name}: {cfg.data.task} ({n_questions} questions), rescored with {cfg.score}",
+    )
+    protocol = {
+        "rescored_samples": str(folder),
+        "n_questions": n_questions,
+        "N_max": n_max,
+        "N": list(cfg.ns),
+        "score": cfg.score,
+        "revise": "skipped (rescoring saved samples needs no model; revision would)",
+        "policy": f"samples of {folder.name}",
+        "figure": str(figure),
+        "config": config_to_dict(cfg),
+    }
+    paths = write_records(cfg, record_payloads(results, {}), protocol, started, time.time() - t0)
+    return {"conditions": results, "revise": {}, "prepare": {}, "records": [str(p) for p in paths]}
+
+
 def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
     """Sample, score, rerank, revise, compare tool on/off; write the JSON record, PNG and sample JSONL."""
     import torch
+
+    if cfg.rescore_from is not None:
+        return rescore_experiment(cfg)
 
     from modern_llm.inference.tools import calculator_completion
     from modern_llm.training.train_sft import generation_model, load_policy, load_task, stop_token_ids
