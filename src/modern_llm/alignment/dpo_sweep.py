@@ -216,7 +216,8 @@ def markdown_table(
         f"# {cfg.name}",
         "",
         f"DPO re-trained from each seed's SFT policy on the same pairs (beta {cfg.beta}, {cfg.max_steps} steps); "
-        f"greedy accuracy in %, mean ± std over seeds {cfg.seeds}. `sft_weight` 0 = plain DPO.",
+        f"greedy accuracy in %, mean ± std over seeds {cfg.seeds}. `sft_weight=0,dpop=0` is plain DPO, "
+        "`dpop` > 0 DPO-Positive, `sft_weight` > 0 adds the chosen NLL (RPO).",
         "",
         "| variant | greedy acc | gain vs SFT (paired) |",
         "|---|---|---|",
