@@ -19,12 +19,23 @@ def test_quickstart_fast_writes_report_card(tmp_path, capsys):
     assert (tmp_path / "quickstart.json").is_file()  # the pipeline's result record
     run_record = json.loads((tmp_path / "quickstart_run.json").read_text())
     assert run_record["name"] == "quickstart-fast" and run_record["metrics"]["total_wall_s"] > 0
-    assert set(run_record["metrics"]["stages"]) == {"base", "sft", "dpo", "dpo+verifier"}
+    assert "pretrain_bpb" in run_record["metrics"]
+    stages = json.loads((tmp_path / "quickstart_stages.json").read_text())["metrics"]
+    assert set(stages) == {"base", "sft", "dpo", "dpo+verifier"}
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
         "quickstart_run.json",
+        "quickstart_stages.json",
         "report_card.md",
         "stages.png",
     ]
+    # both records render as one regular table each in the report (no long form)
+    from modern_llm.evaluation import report_tables as rt
+
+    records, skipped = rt.load_records(tmp_path / "saved")
+    assert not skipped and len(records) == 2
+    for rec in records:
+        tables = rt.tables_for_records([rec], "quickstart")
+        assert tables and not any(t.long for t in tables), rec.path
     assert "report card" in capsys.readouterr().out
 
 

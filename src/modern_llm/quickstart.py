@@ -204,35 +204,37 @@ def report_card(out: Path, pre: dict[str, Any], aligned: dict[str, Any], seconds
     return card
 
 
-def write_run_record(
+def write_run_records(
     out: Path, pre: dict[str, Any], aligned: dict[str, Any], started: str, seconds: float, fast: bool
-) -> Path:
-    """The whole run as one result record (pretraining numbers, every stage, total wall time)."""
+) -> list[Path]:
+    """The run as two table-shaped records: ``quickstart_run.json`` (total wall time and the pretraining
+    numbers, one row) and ``quickstart_stages.json`` (one row per stage, the card's table)."""
     import os
 
     import torch
 
     from modern_llm.utils.records import write_record
 
-    pretrain_metrics = {k: v for k, v in pre.items() if k.startswith("eval/") or k in ("step", "params")}
-    return write_record(
-        out / "quickstart_run.json",
-        name="quickstart-fast" if fast else "quickstart",
-        task="quickstart/arithmetic",
-        model="scratch ModernDecoderLM (pretrained in the run)",
-        metrics={
-            "pretrain": pretrain_metrics,
-            "stages": aligned["summary"],
-            "total_wall_s": round(seconds, 1),
-        },
-        protocol=aligned.get("protocol", {})
+    name = "quickstart-fast" if fast else "quickstart"
+    common = {
+        "task": "quickstart/arithmetic",
+        "model": "scratch ModernDecoderLM (pretrained in the run)",
+        "protocol": aligned.get("protocol", {})
         | {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        seed=int(aligned["per_seed"][0]["seed"]) if aligned.get("per_seed") else None,
-        device="cpu",
-        dtype="fp32",
-        started=started,
-        duration_s=seconds,
-    )
+        "seed": int(aligned["per_seed"][0]["seed"]) if aligned.get("per_seed") else None,
+        "device": "cpu",
+        "dtype": "fp32",
+        "started": started,
+        "duration_s": seconds,
+    }
+    pretrain = {f"pretrain_{k.removeprefix('eval/')}": v for k, v in pre.items() if k.startswith("eval/")}
+    run_metrics = {"total_wall_s": round(seconds, 1), "pretrain_steps": pre["step"]} | pretrain
+    return [
+        write_record(out / "quickstart_run.json", name=name, metrics=run_metrics, **common),
+        write_record(
+            out / "quickstart_stages.json", name=f"{name}-stages", metrics=aligned["summary"], **common
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,15 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     aligned = align(pretrained, out, [int(s) for s in args.seeds.split(",")], args.fast)
     print("[3/3] report card", flush=True)
     card = report_card(out, pre, aligned, time.time() - t0)
-    record = write_run_record(out, pre, aligned, started, time.time() - t0, args.fast)
+    records = write_run_records(out, pre, aligned, started, time.time() - t0, args.fast)
     print(card)
-    print(f"saved: {out / 'report_card.md'}, {out / 'stages.png'}, {record}")
+    print(f"saved: {out / 'report_card.md'}, {out / 'stages.png'}, " + ", ".join(map(str, records)))
     if args.save_to:
         import shutil
 
         dest = Path(args.save_to)
         dest.mkdir(parents=True, exist_ok=True)
-        for path in (out / "report_card.md", out / "stages.png", record):
+        for path in (out / "report_card.md", out / "stages.png", *records):
             shutil.copy2(path, dest / path.name)
         print(f"copied to {dest}")
     return 0

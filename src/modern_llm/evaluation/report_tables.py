@@ -509,6 +509,12 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "error_analysis", "Error analysis", ("analysis",), ("modern-llm error-analysis --predictions <file>",)
     ),
+    Section(
+        "quickstart",
+        "Quickstart",
+        ("quickstart",),
+        ("modern-llm quickstart --save-to experiments/quickstart",),
+    ),
 )
 
 
