@@ -357,6 +357,15 @@ def test_run_experiment_end_to_end_writes_record_and_plot(model, tok, tmp_path):
     for condition in ("tool_off", "tool_on"):
         for method in ("greedy", "majority", "oracle_pass_at_n"):
             assert again[condition][method] == grid["metrics"]["accuracy"][condition][method]
+    # mean ± std over runs: two runs with the same greedy/majority curves give std 0 and the same means
+    assert tt.main(argv + ["--name", "both", "--aggregate", "[tiny, again]"]) == 0
+    both = json.loads((exp / "both.json").read_text())
+    for method in ("greedy", "majority"):
+        for n, value in grid["metrics"]["accuracy"]["tool_off"][method].items():
+            assert both["metrics"]["accuracy"]["tool_off"][method][n] == pytest.approx([value, 0.0])
+    assert both["protocol"]["aggregated_runs"] == ["tiny", "again"]
+    scorer = json.loads((exp / "both-scorer.json").read_text())["metrics"]["scorer"]["tool_off"]
+    assert len(scorer["positive_rate"]) == 2  # [mean, std]; a null (one-class AUC) stays null
     with pytest.raises(ValueError, match="rescore_from needs"):
         tt.run_experiment(
             tt.TestTimeConfig(score="verifier", rescore_from=str(tmp_path / "samples" / "tiny"))

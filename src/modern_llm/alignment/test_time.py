@@ -791,6 +791,9 @@ class TestTimeConfig:
     # a samples folder of an earlier run (<samples_dir>/<name>): score its saved samples with ``score``
     # instead of generating (no model is loaded; revise-and-retry, which needs the model, is skipped)
     rescore_from: str | None = None
+    # names of finished runs (their records in results_dir, e.g. one per training seed): write mean ± std
+    # over them as this run's records instead of generating
+    aggregate: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.score not in ("verifier", "steps", "agreement", "none"):
@@ -1048,10 +1051,57 @@ def rescore_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
     return {"conditions": results, "revise": {}, "prepare": {}, "records": [str(p) for p in paths]}
 
 
+def mean_std_tree(trees: Sequence[Any]) -> Any:
+    """Nested dicts with the same keys and numeric leaves -> the same nesting with [mean, std] leaves
+    (keys missing from any tree are dropped)."""
+    from modern_llm.evaluation import metrics
+
+    first = trees[0]
+    if isinstance(first, dict):
+        keys = [k for k in first if all(isinstance(t, dict) and k in t for t in trees)]
+        return {k: mean_std_tree([t[k] for t in trees]) for k in keys}
+    if any(t is None for t in trees):  # a record's null (e.g. AUC with one class): no mean either
+        return None
+    return list(metrics.mean_std([float(t) for t in trees]))
+
+
+def aggregate_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
+    """mean ± std over finished runs (``cfg.aggregate``) of accuracy-vs-N and the scorer's quality."""
+    from modern_llm.utils.records import now_iso, read_record, write_record
+
+    started, t0 = now_iso(), time.time()
+    results = Path(cfg.results_dir)
+    paths = []
+    for suffix, key in (("", "accuracy"), ("-scorer", "scorer")):
+        sources = [read_record(results / f"{name}{suffix}.json") for name in cfg.aggregate]
+        paths.append(
+            write_record(
+                results / f"{cfg.name}{suffix}.json",
+                name=f"{cfg.name}{suffix}",
+                task=sources[0]["task"],
+                model=f"mean ± std over {len(sources)} runs",
+                metrics={key: mean_std_tree([s["metrics"][key] for s in sources])},
+                protocol={
+                    "aggregated_runs": list(cfg.aggregate),
+                    "source_commits": sorted({s["git_commit"] for s in sources}),
+                    "per_run_protocol": "see each source record (same config, one training seed each)",
+                },
+                seed=None,
+                device=sources[0]["device"],
+                dtype=sources[0]["dtype"],
+                started=started,
+                duration_s=time.time() - t0,
+            )
+        )
+    return {"conditions": {}, "revise": {}, "prepare": {}, "records": [str(p) for p in paths]}
+
+
 def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
     """Sample, score, rerank, revise, compare tool on/off; write the JSON record, PNG and sample JSONL."""
     import torch
 
+    if cfg.aggregate:
+        return aggregate_experiment(cfg)
     if cfg.rescore_from is not None:
         return rescore_experiment(cfg)
 
