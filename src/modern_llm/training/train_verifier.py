@@ -188,14 +188,12 @@ def within_group_ranking_loss(
 
     BCE alone lets a verifier score mostly the QUESTION (easy questions: high P(correct) for every sample),
     which ranks samples of one question no better than chance; best-of-N needs the within-question order.
-    0 (with a gradient path) when no group has both outcomes.
+    0 (with a gradient path) when no group has both outcomes. Masked, not indexed: no host sync on GPU.
     """
     same = group[:, None] == group[None, :]  # (R, R)
-    pairs = same & (labels[:, None] > 0.5) & (labels[None, :] < 0.5)  # row i correct, row j wrong
-    if not bool(pairs.any()):
-        return logits.sum() * 0.0
+    pairs = (same & (labels[:, None] > 0.5) & (labels[None, :] < 0.5)).to(logits.dtype)  # i right, j wrong
     margins = logits[:, None] - logits[None, :]  # (R, R): s_i - s_j
-    return -F.logsigmoid(margins[pairs]).mean()
+    return (-F.logsigmoid(margins) * pairs).sum() / pairs.sum().clamp(min=1.0)
 
 
 def make_bce_loss(pos_weight: float = 1.0, rank_weight: float = 0.0, pooling: str = "last"):
