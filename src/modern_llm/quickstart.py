@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--save-to",
         default=None,
-        help="also copy the card, its PNG and the run's record here (e.g. experiments/quickstart)",
+        help="also copy the card, its PNG and the run's two records here (e.g. experiments/quickstart)",
     )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
