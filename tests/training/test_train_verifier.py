@@ -217,3 +217,27 @@ def test_mean_pooling_verifier_trains_saves_and_loads(tmp_path, toy_tokenizer):
         loaded(ids)
     with pytest.raises(ValueError, match="pooling"):
         VerifierConfig(pooling="max")
+
+
+def test_calc_annotations_reach_training_and_scoring(tmp_path, toy_tokenizer):
+    from modern_llm.models.verifier import load_verifier, save_verifier
+    from modern_llm.training.train_verifier import calc_annotated
+
+    text = "She has 3 + 9 = 14 cookies.\nThen 14 * 2 = 28 cookies.\nDone.\n#### 28"
+    assert calc_annotated(text) == (
+        "She has 3 + 9 = 14 cookies. [calc wrong]\nThen 14 * 2 = 28 cookies. [calc ok]\nDone.\n#### 28"
+    )
+    verifier = _verifier(toy_tokenizer)
+    train = _toy_records(32, 0)
+    cfg = VerifierConfig(calc_annotations=True)
+    train_verifier(
+        verifier, toy_tokenizer, train, cfg, _train_cfg(tmp_path, batch_size=8, max_steps=2, warmup_steps=1)
+    )
+    loaded = load_verifier(save_verifier(verifier, tmp_path / "v", toy_tokenizer))
+    assert loaded.calc_annotations is True
+    # scoring reads the annotated text: the same as scoring the annotated solution without the flag
+    prompts, solutions = ["Question 1:"], ["apple 2 + 2 = 5 river"]
+    with_flag = score_solutions(loaded, toy_tokenizer, prompts, solutions)
+    loaded.calc_annotations = False
+    by_hand = score_solutions(loaded, toy_tokenizer, prompts, [calc_annotated(solutions[0])])
+    assert with_flag == pytest.approx(by_hand)

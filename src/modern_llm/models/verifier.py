@@ -62,6 +62,7 @@ class Verifier(nn.Module):
         self.trunk = trunk
         self.kind = kind
         self.pooling = check_pooling(pooling)
+        self.calc_annotations = False  # solutions are read with the calculator's verdict per line
         self.hidden_size = hidden_size
         self.head = nn.Linear(hidden_size, 1)
         nn.init.zeros_(self.head.weight)
@@ -155,6 +156,7 @@ def save_verifier(verifier: Verifier, folder: str | Path, tokenizer: Any = None)
         "kind": verifier.kind,
         "hidden_size": verifier.hidden_size,
         "pooling": verifier.pooling,
+        "calc_annotations": verifier.calc_annotations,
     }
     save_file(model_tensors(verifier.head), str(folder / HEAD_FILE))
     if verifier.kind == "native":
@@ -194,5 +196,6 @@ def load_verifier(folder: str | Path, device: str = "cpu") -> Verifier:
     else:
         raise ValueError(f"{cfg_file}: kind must be 'native' or 'hf', got {meta.get('kind')!r}")
     verifier = Verifier(trunk, int(meta["hidden_size"]), meta["kind"], meta.get("pooling", "last"))
+    verifier.calc_annotations = bool(meta.get("calc_annotations", False))
     verifier.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     return verifier.to(device).eval()

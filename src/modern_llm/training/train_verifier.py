@@ -63,6 +63,9 @@ class VerifierConfig:
     rank_weight: float = 0.0
     # "last": score the last token; "mean": per-token BCE on every solution token, score = their mean logit
     pooling: str = "last"
+    # tool-augmented verification: every solution line with arithmetic gets the exact calculator's verdict
+    # appended (" [calc ok]" / " [calc wrong]") before the verifier reads it, in training and in scoring
+    calc_annotations: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -131,15 +134,34 @@ def load_verifier_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def calc_annotated(solution: str) -> str:
+    """``solution`` with the calculator's verdict after every line that holds a checkable arithmetic step.
+
+    "She has 3 + 9 = 14 cookies." -> "She has 3 + 9 = 14 cookies. [calc wrong]"; lines without arithmetic are
+    unchanged. The verifier then only has to learn what arithmetic cannot show (a copied-wrong number, a
+    wrong operation), which a small model cannot compute on its own.
+    """
+    from modern_llm.evaluation.analysis import check_steps
+
+    lines = []
+    for line in solution.split("\n"):
+        steps = check_steps(line)
+        if steps:
+            line = f"{line} [calc {'ok' if all(s.ok for s in steps) else 'wrong'}]"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def encode_records(
-    records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int
+    records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, calc_annotations: bool = False
 ) -> list[dict[str, Any]]:
     from modern_llm.data.task_datasets import CausalLMCollator
 
     collator = CausalLMCollator(tokenizer, max_length=max_length)
     out = []
     for r in records:
-        p, c = collator.encode(r["prompt"], r["completion"])
+        completion = calc_annotated(r["completion"]) if calc_annotations else r["completion"]
+        p, c = collator.encode(r["prompt"], completion)
         out.append({"input_ids": p + c, "n_prompt": len(p), "label": float(r.get("label", 0))})
     return out
 
@@ -255,9 +277,8 @@ def score_solutions(
 ) -> list[float]:
     """P(correct) of each (prompt, completion)."""
     records = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
-    return score_encoded(
-        verifier, encode_records(records, tokenizer, max_length), pad_id_of(tokenizer), batch_size
-    )
+    encoded = encode_records(records, tokenizer, max_length, getattr(verifier, "calc_annotations", False))
+    return score_encoded(verifier, encoded, pad_id_of(tokenizer), batch_size)
 
 
 def evaluate_scores(
@@ -295,15 +316,20 @@ def train_verifier(
 
     if not records:
         raise ValueError("no verifier records to train on")
-    verifier.pooling = cfg.pooling  # the stage's config decides how solutions are scored
+    verifier.pooling = cfg.pooling  # the stage's config decides how solutions are scored and read
+    verifier.calc_annotations = cfg.calc_annotations
     if cfg.freeze_trunk:
         for p in verifier.trunk.parameters():
             p.requires_grad_(False)
     pad = pad_id_of(tokenizer)
-    train_items = encode_records(records, tokenizer, cfg.max_length)
+    train_items = encode_records(records, tokenizer, cfg.max_length, cfg.calc_annotations)
     if cfg.rank_weight > 0:
         train_items = group_by_prompt(train_items, records)
-    eval_items = encode_records(eval_records, tokenizer, cfg.max_length) if eval_records else None
+    eval_items = (
+        encode_records(eval_records, tokenizer, cfg.max_length, cfg.calc_annotations)
+        if eval_records
+        else None
+    )
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
         scores = score_encoded(model, eval_items, pad, train_cfg.batch_size)
