@@ -223,5 +223,8 @@ def test_dpo_sweep_retrains_from_the_saved_sft_policy(tmp_path):
     cache.write_text(json.dumps(saved))
     assert run(sweep)["summary"]["sft"][0] == 0.123
     assert run(dataclasses.replace(sweep, max_steps=1))["summary"]["sft"][0] != 0.123  # other grid: fresh
+    cache.write_text("{not json")
+    with pytest.raises(ValueError, match="delete it"):
+        run(sweep)
     with pytest.raises(FileNotFoundError, match="run the pipeline first"):
         run(dataclasses.replace(sweep, seeds=[7]))

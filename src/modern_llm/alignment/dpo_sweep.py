@@ -123,7 +123,9 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
         train_dpo(model, tokenizer, pairs, dpo_cfg, train_cfg)
         out[name] = accuracy(model)
         log.info("seed %d: %s -> %.3f (SFT %.3f)", seed, name, out[name], out["sft"])
-    cache.write_text(json.dumps({"grid": grid, "accuracy": out}, indent=1) + "\n")
+    tmp = cache.with_name(cache.name + ".tmp")  # written whole, then moved: a killed run leaves no half file
+    tmp.write_text(json.dumps({"grid": grid, "accuracy": out}, indent=1) + "\n")
+    tmp.replace(cache)
     return out
 
 
@@ -146,7 +148,10 @@ def cached_results(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float
     cache = _cache_file(pipe, seed)
     if not cache.is_file():
         return None
-    saved = json.loads(cache.read_text())
+    try:
+        saved = json.loads(cache.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cache}: not valid JSON ({err}); delete it to sweep this seed again") from err
     return saved["accuracy"] if saved.get("grid") == _grid(cfg) else None
 
 
