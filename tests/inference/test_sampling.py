@@ -134,3 +134,23 @@ def test_select_next_tokens_greedy_and_temperature_limit():
     seen = torch.tensor([[False, True, False], [False, False, False]])
     penalized = select_next_tokens(logits, SamplingParams(repetition_penalty=4.0), [], seen)
     assert penalized.tolist() == [2, 0]  # 2.0 / 4 = 0.5 < 1.0
+
+
+def _full_inverse_cdf(logits: torch.Tensor, generators) -> torch.Tensor:
+    """Reference: one float64 prefix sum over the whole vocabulary (what the two-level search replaces)."""
+    cdf = logits.float().softmax(-1).double().cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])[:, None]
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+
+
+def test_two_level_inverse_cdf_equals_the_full_prefix_sum_draw():
+    torch.manual_seed(0)
+    V = 1000  # not a multiple of the block size: the padded tail must never be drawn
+    logits = torch.randn(300, V) * 4  # peaked rows
+    logits[:100, 500:] = float("-inf")  # filtered tokens (whole blocks and a block's tail)
+    logits[100:200, ::3] = float("-inf")
+    rows = [(0, s) for s in range(300)]
+    ours = sample_from_logits(logits, make_generators(9, rows))
+    ref = _full_inverse_cdf(logits, make_generators(9, rows))
+    assert torch.equal(ours, ref)
+    assert bool(torch.isfinite(logits.gather(1, ours[:, None])).all())  # never a filtered token

@@ -98,6 +98,7 @@ from modern_llm.training.train_verifier import (
 log = logging.getLogger(__name__)
 
 STAGES = ("base", "sft", "dpo", "dpo+verifier")
+GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METRIC_KEYS = ("accuracy", "maj_at_n", "verifier_at_n", "weighted_at_n", "pass_at_n", "pass_at_1_sampled")
 
 
@@ -114,6 +115,13 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int = 160
     batch_prompts: int = 32  # prompts per engine call (each expanded to num_samples rows)
+    # weights of the model that generates (eval and pair sampling): "bf16" samples from a bf16 copy, ~1.7x
+    # faster on CPUs with AMX/AVX512-bf16 and on GPUs; the trained weights stay fp32
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in GENERATION_DTYPES:
+            raise ValueError(f"eval.dtype must be one of {sorted(GENERATION_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass
@@ -194,9 +202,20 @@ def _sampling(temperature: float, max_new_tokens: int, seed: int, top_k: int = 0
     )
 
 
+def inference_model(model, dtype: str = "fp32"):
+    """The module the engine drives; for a reduced ``dtype`` a cast copy, so the trained fp32 weights are
+    never rounded in place."""
+    gen_model = generation_model(model)
+    if GENERATION_DTYPES[dtype] is torch.float32:
+        return gen_model
+    import copy
+
+    return copy.deepcopy(gen_model).to(GENERATION_DTYPES[dtype])
+
+
 def generate_for_eval(model, tokenizer, task, examples, prompts, cfg: EvalConfig, seed: int) -> StageSamples:
     """Greedy + N sampled solutions per eval question through the engine."""
-    gen_model, stops = generation_model(model), stop_token_ids(tokenizer)
+    gen_model, stops = inference_model(model, cfg.dtype), stop_token_ids(tokenizer)
     greedy = sample_solutions(
         gen_model,
         tokenizer,
@@ -393,7 +412,7 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
     train_samples = timed(
         "sample_pairs",
         sample_solutions,
-        generation_model(model),
+        inference_model(model, cfg.eval.dtype),
         tokenizer,
         task,
         pair_examples,
