@@ -15,6 +15,7 @@ from modern_llm.data.tokenizer import train_bpe_tokenizer
 from modern_llm.models.transformer import ModernDecoderLM
 from modern_llm.training.train_sft import (
     LoRAConfig,
+    inference_model,
     load_policy,
     main,
     maybe_apply_lora,
@@ -182,3 +183,22 @@ def test_cli_trains_a_scratch_model_on_the_arithmetic_task(tmp_path):
     assert exit_info.value.code == 0
     with pytest.raises(SystemExit):  # bad config value -> argparse error naming the field
         main(["--data.max_length", "2"])
+
+
+def test_bf16_inference_model_is_a_cast_copy_that_leaves_trained_weights_untouched(tok):
+    from modern_llm.inference.engine import generate
+    from modern_llm.inference.sampling import SamplingParams
+
+    model = maybe_apply_lora(_tiny_llama(tok), LoRAConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32, bf16 = inference_model(model, "fp32"), inference_model(model, "bf16")
+    assert fp32 is model.get_base_model()  # no copy at full precision
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # trained weights untouched
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    prompt = tok(RECORDS[0]["prompt"])["input_ids"]
+    greedy = SamplingParams(max_new_tokens=4)
+    out = generate(bf16, tok, [prompt], greedy, ignore_eos=True)[0][0]  # the engine drives the bf16 copy
+    assert out.num_generated_tokens == 4
+    with pytest.raises(ValueError, match="generation dtype must be one of"):
+        inference_model(model, "fp16")

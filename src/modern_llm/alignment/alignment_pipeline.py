@@ -72,13 +72,14 @@ from modern_llm.data.preference_datasets import (
 from modern_llm.evaluation import metrics
 from modern_llm.training.train_dpo import DPOConfig, train_dpo
 from modern_llm.training.train_sft import (
+    GENERATION_DTYPES,
     SCRATCH,
     LoRAConfig,
     ScratchConfig,
     TaskDataConfig,
     build_scratch_policy,
     check_chat,
-    generation_model,
+    inference_model,
     load_policy,
     load_task,
     maybe_apply_lora,
@@ -98,7 +99,6 @@ from modern_llm.training.train_verifier import (
 log = logging.getLogger(__name__)
 
 STAGES = ("base", "sft", "dpo", "dpo+verifier")
-GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METRIC_KEYS = ("accuracy", "maj_at_n", "verifier_at_n", "weighted_at_n", "pass_at_n", "pass_at_1_sampled")
 
 
@@ -200,17 +200,6 @@ def _sampling(temperature: float, max_new_tokens: int, seed: int, top_k: int = 0
     return SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
     )
-
-
-def inference_model(model, dtype: str = "fp32"):
-    """The module the engine drives; for a reduced ``dtype`` a cast copy, so the trained fp32 weights are
-    never rounded in place."""
-    gen_model = generation_model(model)
-    if GENERATION_DTYPES[dtype] is torch.float32:
-        return gen_model
-    import copy
-
-    return copy.deepcopy(gen_model).to(GENERATION_DTYPES[dtype])
 
 
 def generate_for_eval(model, tokenizer, task, examples, prompts, cfg: EvalConfig, seed: int) -> StageSamples:

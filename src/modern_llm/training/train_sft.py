@@ -31,6 +31,7 @@ Footguns
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -137,6 +138,23 @@ def generation_model(model: nn.Module) -> nn.Module:
     """What the engine should drive: a PEFT model's underlying (adapter-injected) transformers model."""
     model = unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def inference_model(model: nn.Module, dtype: str = "fp32") -> nn.Module:
+    """``generation_model(model)``, cast to ``dtype`` on a copy so trained fp32 weights are never rounded.
+
+    bf16 sampling is ~1.7x faster than fp32 on CPUs with AMX/AVX512-bf16 (and on GPUs); samples then come
+    from the bf16-rounded model, which the records state (``dtype`` in their protocol).
+    """
+    if dtype not in GENERATION_DTYPES:
+        raise ValueError(f"generation dtype must be one of {sorted(GENERATION_DTYPES)}, got {dtype!r}")
+    gen_model = generation_model(model)
+    if GENERATION_DTYPES[dtype] is torch.float32:
+        return gen_model
+    return copy.deepcopy(gen_model).to(GENERATION_DTYPES[dtype])
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
