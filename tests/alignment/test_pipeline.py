@@ -81,6 +81,18 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path):
     verifier = load_verifier(seed_dir / "verifier_final")
     assert sum(p.numel() for p in policy.parameters()) > 0 and verifier.pooling == cfg.verifier.pooling
 
+    # a finished seed is saved; a re-run with the same settings re-uses it instead of training again
+    cache = seed_dir / "seed_result.json"
+    saved = json.loads(cache.read_text())
+    saved["value"]["stages"]["sft"]["accuracy"] = 0.123  # marker: only a re-use can produce it
+    cache.write_text(json.dumps(saved))
+    again = run_pipeline(dataclasses.replace(cfg, name="again", threads=1))  # name/threads: not in the key
+    assert again["per_seed"][0]["stages"]["sft"]["accuracy"] == 0.123
+    assert again["protocol"]["seeds_reused_from_cache"] == [0]
+    cache.write_text("{not json")
+    with pytest.raises(ValueError, match="delete it"):
+        run_pipeline(cfg)
+
 
 def _samples(correct_rows, answers_rows, greedy):
     sampled = [
@@ -219,7 +231,7 @@ def test_dpo_sweep_retrains_from_the_saved_sft_policy(tmp_path):
     # a second run with the same grid re-uses the per-seed results instead of training again
     cache = tmp_path / "runs" / "seed0" / "dpo_sweep" / "results.json"
     saved = json.loads(cache.read_text())
-    saved["accuracy"]["sft"] = 0.123  # marker: only a re-use can produce it
+    saved["value"]["sft"] = 0.123  # marker: only a re-use can produce it
     cache.write_text(json.dumps(saved))
     assert run(sweep)["summary"]["sft"][0] == 0.123
     assert run(dataclasses.replace(sweep, max_steps=1))["summary"]["sft"][0] != 0.123  # other grid: fresh

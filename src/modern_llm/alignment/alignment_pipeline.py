@@ -43,6 +43,10 @@ Design choices
 
 Footguns
 - ``seeds`` change model init (scratch), data order, and sampling; a seed's eval questions are the same.
+- Every finished seed is saved (``seed<k>/seed_result.json``, written atomically, keyed by the settings) and
+  re-used by a later run with the same settings: a killed run loses only the seed in progress, and seeds
+  can run as separate processes (``--seeds [1]``) before one run with every seed writes the table.
+  Delete the file (or change out_dir) to recompute a seed after changing code.
 - For a scratch model ``base`` is a random network (accuracy ~0 by construction); its row is there so the
   table reads the same for every model.
 """
@@ -622,6 +626,34 @@ def markdown_summary(cfg: PipelineConfig, summary, gains, per_seed, protocol: di
     return "\n".join(lines) + "\n"
 
 
+# Settings that do not change a seed's numbers: a run that differs only in these re-uses finished seeds.
+_NOT_IN_SEED_KEY = ("name", "seeds", "results_dir", "threads", "save_models")
+
+
+def _seed_cache(cfg: PipelineConfig, seed: int) -> tuple[Path, dict[str, Any]]:
+    key = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_IN_SEED_KEY} | {"seed": seed}
+    return Path(cfg.out_dir) / f"seed{seed}" / "seed_result.json", key
+
+
+def cached_seed_result(cfg: PipelineConfig, seed: int) -> dict[str, Any] | None:
+    """A finished seed's result when it was produced under the same settings, else None."""
+    from modern_llm.utils.records import load_cached_result
+
+    return load_cached_result(*_seed_cache(cfg, seed))
+
+
+def _seed_result(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
+    from modern_llm.utils.records import save_cached_result
+
+    saved = cached_seed_result(cfg, seed)
+    if saved is not None:
+        log.info("seed %d: re-using %s (same settings)", seed, _seed_cache(cfg, seed)[0])
+        return saved
+    result = run_seed(cfg, seed)
+    save_cached_result(*_seed_cache(cfg, seed), result)
+    return result
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run every seed, write ``<results_dir>/<name>.{json,md}``; return the summary."""
     from modern_llm.utils.records import now_iso, write_record
@@ -629,7 +661,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     started, t0 = now_iso(), time.time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    per_seed = [run_seed(cfg, seed) for seed in cfg.seeds]
+    reused = [seed for seed in cfg.seeds if cached_seed_result(cfg, seed) is not None]
+    per_seed = [_seed_result(cfg, seed) for seed in cfg.seeds]
     summary = aggregate(per_seed)
     gains = stage_gains(summary, per_seed)
     protocol = {
@@ -644,6 +677,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         "train_offset": cfg.offset,
         "chat": cfg.data.chat,
         "torch_threads": torch.get_num_threads(),
+        "seeds_reused_from_cache": reused,
         "config": config_to_dict(cfg),
     }
     results = Path(cfg.results_dir)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from modern_llm.config.base import load_config, parse_config_cli
+from modern_llm.utils.records import load_cached_result, save_cached_result
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,7 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
         train_dpo(model, tokenizer, pairs, dpo_cfg, train_cfg)
         out[name] = accuracy(model)
         log.info("seed %d: %s -> %.3f (SFT %.3f)", seed, name, out[name], out["sft"])
-    tmp = cache.with_name(cache.name + ".tmp")  # written whole, then moved: a killed run leaves no half file
-    tmp.write_text(json.dumps({"grid": grid, "accuracy": out}, indent=1) + "\n")
-    tmp.replace(cache)
+    save_cached_result(cache, grid, out)
     return out
 
 
@@ -145,14 +144,7 @@ def _cache_file(pipe: Any, seed: int) -> Path:
 
 def cached_results(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float] | None:
     """A seed's saved accuracies when they were produced by this exact grid, else None."""
-    cache = _cache_file(pipe, seed)
-    if not cache.is_file():
-        return None
-    try:
-        saved = json.loads(cache.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cache}: not valid JSON ({err}); delete it to sweep this seed again") from err
-    return saved["accuracy"] if saved.get("grid") == _grid(cfg) else None
+    return load_cached_result(_cache_file(pipe, seed), _grid(cfg))
 
 
 def variant_name(lr: float, sft_weight: float, dpop_lambda: float) -> str:

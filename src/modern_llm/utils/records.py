@@ -197,6 +197,35 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def save_cached_result(path: str | Path, key: Any, value: Any) -> Path:
+    """Write ``{"key": key, "value": value}`` whole, then move it into place: a killed run leaves no half file.
+
+    A long run keeps one such file per finished unit of work (a seed), so a crash or a kill loses only the
+    unit in progress, and separate processes can each finish a seed that a final run then aggregates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}, indent=1, allow_nan=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_cached_result(path: str | Path, key: Any) -> Any | None:
+    """The value saved by ``save_cached_result`` when it was made with the same ``key`` (a JSON-able dict of
+    the settings that determine it), else None; an unreadable file is an error that says how to recover."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); delete it to recompute this result") from err
+    if not isinstance(saved, dict) or "key" not in saved or "value" not in saved:
+        raise ValueError(f"{path}: not a cached result (no key/value); delete it to recompute this result")
+    return saved["value"] if saved["key"] == json.loads(json.dumps(key)) else None
+
+
 def append_log(
     entry_title: str,
     what: str,
