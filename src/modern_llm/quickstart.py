@@ -89,6 +89,7 @@ def align(pretrained: Path, out: Path, seeds: list[int], fast: bool) -> dict[str
             "seeds": seeds,
             "out_dir": str(out / "alignment"),
             "results_dir": str(out),
+            "reuse_seeds": False,  # the demo trains every stage each time it runs
             "data.task_args": {"n_train": 400 if fast else 2000, "n_eval": 200},
             "sft_train.max_steps": 10 if fast else 500,
             "sft_train.warmup_steps": 2 if fast else 20,

@@ -84,11 +84,13 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path):
     # a finished seed is saved; a re-run with the same settings re-uses it instead of training again
     cache = seed_dir / "seed_result.json"
     saved = json.loads(cache.read_text())
-    saved["value"]["stages"]["sft"]["accuracy"] = 0.123  # marker: only a re-use can produce it
+    saved["value"]["evals"]["arithmetic"]["stages"]["sft"]["accuracy"] = 0.123  # only a re-use gives it
     cache.write_text(json.dumps(saved))
     again = run_pipeline(dataclasses.replace(cfg, name="again", threads=1))  # name/threads: not in the key
     assert again["per_seed"][0]["stages"]["sft"]["accuracy"] == 0.123
     assert again["protocol"]["seeds_reused_from_cache"] == [0]
+    fresh = run_pipeline(dataclasses.replace(cfg, name="fresh", reuse_seeds=False))
+    assert fresh["per_seed"][0]["stages"]["sft"]["accuracy"] != 0.123
     cache.write_text("{not json")
     with pytest.raises(ValueError, match="delete it"):
         run_pipeline(cfg)
@@ -240,3 +242,38 @@ def test_dpo_sweep_retrains_from_the_saved_sft_policy(tmp_path):
         run(sweep)
     with pytest.raises(FileNotFoundError, match="run the pipeline first"):
         run(dataclasses.replace(sweep, seeds=[7]))
+
+
+def test_eval_tasks_evaluate_the_same_models_on_each_task(tmp_path, monkeypatch):
+    # train on the synthetic task, evaluate on it and on a second task: one record per eval task
+    import modern_llm.alignment.alignment_pipeline as pipeline
+
+    cfg = dataclasses.replace(_tiny_config(tmp_path), stop_after="sft", name="multi")
+    cfg.eval_tasks = ["arithmetic", "svamp"]
+    svamp_dir = tmp_path / "data" / "svamp"
+    svamp_dir.mkdir(parents=True)
+    rows = [
+        {
+            "ID": f"s{i}",
+            "Body": f"Tom has {i} apples.",
+            "Question": "How many?",
+            "Equation": f"( {i}.0 + 0.0 )",
+            "Answer": float(i),
+        }
+        for i in range(1, 8)
+    ]
+    (svamp_dir / "SVAMP.json").write_text(json.dumps(rows))
+    cfg.data.data_dir = str(tmp_path / "data")
+    out = pipeline.run_pipeline(cfg)
+    assert set(out["evals"]) == {"arithmetic", "svamp"}
+    (seed,) = out["per_seed"]
+    assert seed["stages"] == seed["evals"]["arithmetic"]["stages"]  # the primary set is the first one
+    svamp = out["evals"]["svamp"]
+    assert set(svamp["per_seed"][0]["stages"]) == {"base", "sft"}
+    record = json.loads((tmp_path / "results" / "multi-svamp.json").read_text())
+    assert record["task"] == "alignment/svamp" and record["protocol"]["train_task"] == "arithmetic"
+    assert record["metrics"]["summary"] == svamp["summary"]
+    assert (tmp_path / "results" / "multi-arithmetic.md").is_file()
+    lines = (tmp_path / "runs" / "seed0" / "eval_samples-svamp.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 6  # base + sft, 6 questions each
+    assert "Tom has" in json.loads(lines[0])["prompt"]

@@ -16,7 +16,8 @@ Per seed:
 6. ``dpo+verifier``: the DPO policy's N samples reranked by the verifier (best-of-N).
 
 Evaluation protocol, identical for every stage (``evaluate_policy``): the first ``eval.n_questions``
-questions of ``eval.split``; accuracy with greedy decoding; N = ``eval.num_samples`` samples at
+questions of ``eval.split`` of the train task, or of each task in ``eval_tasks`` (train on GSM8K, evaluate on
+SVAMP and GSM8K: one table per task, the models and verifier shared); accuracy with greedy decoding; N = ``eval.num_samples`` samples at
 ``eval.temperature`` per question (one prefill per question, the engine's ``num_samples``); from the same N
 samples: maj@N (majority vote over extracted answers, ``metrics.majority_vote``), verifier@N (the sample
 with the highest verifier score), weighted@N (verifier-weighted vote), pass@N (oracle: any sample correct,
@@ -99,6 +100,7 @@ from modern_llm.training.train_verifier import (
     train_verifier,
     verifier_records,
 )
+from modern_llm.utils.records import now_iso, write_record
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,9 @@ class PipelineConfig:
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     data: TaskDataConfig = field(default_factory=TaskDataConfig)
     offset: int = 0  # skip this many questions of data.split (no overlap with eval on a shared split)
+    # evaluate every stage on these tasks' eval.split instead of data.task's (e.g. SFT/pairs on gsm8k train,
+    # eval on [svamp, gsm8k]); one table + record per task, named <name>-<task>. Empty = data.task only.
+    eval_tasks: list[str] = field(default_factory=list)
     instruction: str | None = None  # override the task's instruction line (None = the task's own)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sft_train: TrainConfig = field(
@@ -174,6 +179,9 @@ class PipelineConfig:
     skip_sft: bool = False  # start DPO from the base (e.g. an instruct model already good at the format)
     stop_after: str = "dpo"  # "base" | "sft" | "dpo" (= every stage, verifier included)
     save_models: bool = True  # seed<k>/{sft,dpo,verifier}_final folders, for test-time compute and chat
+    reuse_seeds: bool = (
+        True  # re-use a seed finished earlier under the same settings (seed<k>/seed_result.json)
+    )
     threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is much faster on a shared, loaded CPU
 
     def __post_init__(self) -> None:
@@ -304,20 +312,44 @@ def _seeded(cfg: TrainConfig, seed: int, out_dir: Path, n_examples: int | None =
     return dataclasses.replace(cfg, seed=seed, out_dir=str(out_dir), resume="none", batch_size=batch)
 
 
-def _task_and_data(cfg: PipelineConfig):
+@dataclass
+class EvalSet:
+    """One evaluation set: its questions, the task that renders and grades them, and the prompts."""
+
+    name: str
+    task: Any
+    examples: list[Any]
+    prompts: list[str] = field(default_factory=list)
+
+
+def eval_task_names(cfg: PipelineConfig) -> list[str]:
+    return list(cfg.eval_tasks) or [cfg.data.task]
+
+
+def _task_and_data(cfg: PipelineConfig) -> tuple[Any, list[Any], list[EvalSet]]:
+    """(train task, train examples, eval sets); the first eval set is the primary one."""
     task = load_task(cfg.data, cfg.instruction)
-    eval_examples = task.load(cfg.eval.split, data_dir=cfg.data.data_dir, limit=cfg.eval.n_questions)
     want = None if cfg.data.limit is None else cfg.offset + cfg.data.limit
     train_all = task.load(cfg.data.split, data_dir=cfg.data.data_dir, limit=want)
     train_examples = train_all[cfg.offset :]
-    if cfg.data.split == cfg.eval.split and cfg.offset < len(eval_examples):
-        raise ValueError(
-            f"train and eval both use split {cfg.eval.split!r}: set offset >= eval.n_questions "
-            f"({cfg.eval.n_questions}) so the train questions do not include eval questions"
+    evals = []
+    for name in eval_task_names(cfg):
+        same_task = name == cfg.data.task
+        eval_task = (
+            task
+            if same_task
+            else load_task(dataclasses.replace(cfg.data, task_args={}, task=name), cfg.instruction)
         )
+        examples = eval_task.load(cfg.eval.split, data_dir=cfg.data.data_dir, limit=cfg.eval.n_questions)
+        if same_task and cfg.data.split == cfg.eval.split and cfg.offset < len(examples):
+            raise ValueError(
+                f"train and eval both use split {cfg.eval.split!r} of {name}: set offset >= eval.n_questions "
+                f"({cfg.eval.n_questions}) so the train questions do not include eval questions"
+            )
+        evals.append(EvalSet(name, eval_task, examples))
     if not train_examples:
         raise ValueError(f"no train examples left in split {cfg.data.split!r} after offset={cfg.offset}")
-    return task, train_examples, eval_examples
+    return task, train_examples, evals
 
 
 def _policy(cfg: PipelineConfig, task, train_examples, seed: int):
@@ -352,11 +384,12 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
     t_seed = time.time()
     seed_dir = Path(cfg.out_dir) / f"seed{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    task, train_examples, eval_examples = _task_and_data(cfg)
+    task, train_examples, evals = _task_and_data(cfg)
     model, tokenizer = _policy(cfg, task, train_examples, seed)
     check_chat(tokenizer, cfg.data.chat)
-    eval_prompts = [task.render_prompt(ex, chat=cfg.data.chat, tokenizer=tokenizer) for ex in eval_examples]
-    samples: dict[str, StageSamples] = {}
+    for e in evals:
+        e.prompts = [e.task.render_prompt(ex, chat=cfg.data.chat, tokenizer=tokenizer) for ex in e.examples]
+    samples: dict[str, dict[str, StageSamples]] = {e.name: {} for e in evals}  # eval set -> stage -> samples
     timings: dict[str, float] = {}
 
     def timed(key: str, fn, *args, **kw):
@@ -366,14 +399,17 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
         log.info("seed %d: %s took %.1f s", seed, key, timings[key])
         return out
 
-    samples["base"] = timed(
-        "eval_base", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
-    )
+    def evaluate(stage: str) -> None:
+        for e in evals:
+            key = f"eval_{stage}" if len(evals) == 1 else f"eval_{stage}_{e.name}"
+            samples[e.name][stage] = timed(
+                key, generate_for_eval, model, tokenizer, e.task, e.examples, e.prompts, cfg.eval, seed
+            )
+
+    evaluate("base")
     result = {"seed": seed, "pairs": {}, "dpo_train": {}, "verifier_train": {}, "timings_s": timings}
     if cfg.stop_after == "base":
-        return _finish(
-            cfg, result, task, eval_examples, eval_prompts, samples, None, tokenizer, seed_dir, t_seed
-        )
+        return _finish(cfg, result, evals, samples, None, tokenizer, seed_dir, t_seed)
 
     if not cfg.skip_sft:
         model = maybe_apply_lora(model, cfg.lora)
@@ -390,13 +426,9 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
         )
         model = _merge_if_lora(model)
     _save_stage_model(cfg, model, tokenizer, seed_dir / "sft_final")
-    samples["sft"] = timed(
-        "eval_sft", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
-    )
+    evaluate("sft")
     if cfg.stop_after == "sft":
-        return _finish(
-            cfg, result, task, eval_examples, eval_prompts, samples, None, tokenizer, seed_dir, t_seed
-        )
+        return _finish(cfg, result, evals, samples, None, tokenizer, seed_dir, t_seed)
 
     # On-policy samples from the SFT policy on train questions -> DPO pairs + verifier records.
     pair_examples = train_examples[: cfg.pairs.n_questions]
@@ -467,42 +499,49 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
             "seed %d: no DPO pairs (no question had both a correct and a wrong sample); DPO = SFT", seed
         )
     _save_stage_model(cfg, model, tokenizer, seed_dir / "dpo_final")
-    samples["dpo"] = timed(
-        "eval_dpo", generate_for_eval, model, tokenizer, task, eval_examples, eval_prompts, cfg.eval, seed
-    )
+    evaluate("dpo")
 
     result |= {
         "pairs": pair_stats.as_dict(),
         "dpo_train": {k: v for k, v in dpo_summary.items() if isinstance(v, float)},
         "verifier_train": {k: v for k, v in verifier_summary.items() if isinstance(v, float)},
     }
-    return _finish(
-        cfg, result, task, eval_examples, eval_prompts, samples, verifier, tokenizer, seed_dir, t_seed
-    )
+    return _finish(cfg, result, evals, samples, verifier, tokenizer, seed_dir, t_seed)
 
 
-def _finish(cfg, result, task, eval_examples, eval_prompts, samples, verifier, tokenizer, seed_dir, t_seed):
-    """Score every evaluated stage (verifier@N once a verifier exists), write the samples, fill ``result``."""
+def _finish(cfg, result, evals, samples, verifier, tokenizer, seed_dir, t_seed):
+    """Score every evaluated stage of every eval set (verifier@N once a verifier exists), write the samples.
+
+    ``result["evals"][name]`` holds each set's ``stages``/``verifier_eval``; ``run_pipeline`` lifts one set's
+    to the top level of the per-seed rows its table is built from.
+    """
+    per_eval = {}
+    for i, e in enumerate(evals):
+        per_eval[e.name] = _score_stages(cfg, e, samples[e.name], verifier, tokenizer)
+        suffix = "" if i == 0 else f"-{e.name}"
+        _write_samples(seed_dir / f"eval_samples{suffix}.jsonl", e.prompts, samples[e.name])
+    return result | {
+        "evals": per_eval,
+        "duration_s": round(time.time() - t_seed, 1),
+        "device": cfg.sft_train.device,
+    }
+
+
+def _score_stages(cfg, e: EvalSet, samples: dict[str, StageSamples], verifier, tokenizer) -> dict[str, Any]:
     stage_metrics: dict[str, dict[str, float]] = {}
     verifier_eval: dict[str, dict[str, float]] = {}
     for stage, stage_samples in samples.items():
         scores = None
         if verifier is not None:
-            scores = verifier_scores_for(verifier, tokenizer, eval_prompts, stage_samples, cfg.verifier)
+            scores = verifier_scores_for(verifier, tokenizer, e.prompts, stage_samples, cfg.verifier)
             if stage != "base":
                 verifier_eval[stage] = verifier_quality(stage_samples, scores, cfg.verifier.threshold)
-        stage_metrics[stage] = score_metrics(task, eval_examples, stage_samples, scores)
+        stage_metrics[stage] = score_metrics(e.task, e.examples, stage_samples, scores)
     if "dpo" in stage_metrics:
         dpo = stage_metrics["dpo"]
         reranked = {"accuracy": dpo["verifier_at_n"]} if verifier is not None else {}
         stage_metrics["dpo+verifier"] = dict(dpo) | reranked
-    _write_samples(seed_dir / "eval_samples.jsonl", eval_prompts, samples)
-    return result | {
-        "stages": stage_metrics,
-        "verifier_eval": verifier_eval,
-        "duration_s": round(time.time() - t_seed, 1),
-        "device": cfg.sft_train.device,
-    }
+    return {"stages": stage_metrics, "verifier_eval": verifier_eval}
 
 
 def _write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -568,7 +607,9 @@ def _pm(pair: Sequence[float]) -> str:
     return f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
 
 
-def markdown_summary(cfg: PipelineConfig, summary, gains, per_seed, protocol: dict[str, Any]) -> str:
+def markdown_summary(
+    cfg: PipelineConfig, summary, gains, per_seed, protocol: dict[str, Any], title: str | None = None
+) -> str:
     n = cfg.eval.num_samples
     cols = [
         ("accuracy", "greedy acc"),
@@ -579,10 +620,11 @@ def markdown_summary(cfg: PipelineConfig, summary, gains, per_seed, protocol: di
         ("pass_at_1_sampled", "sampled pass@1"),
     ]
     lines = [
-        f"# {cfg.name}",
+        f"# {title or cfg.name}",
         "",
-        f"Model: `{cfg.model}`; task: `{cfg.data.task}` {cfg.data.task_args or ''}; eval: first "
-        f"{protocol['n_eval_questions']} questions of split `{cfg.eval.split}`, N = {n} samples at T = "
+        f"Model: `{cfg.model}`; train task: `{cfg.data.task}` {cfg.data.task_args or ''}; eval: first "
+        f"{protocol['n_eval_questions']} questions of `{protocol['eval_task']}` split `{cfg.eval.split}`, "
+        f"N = {n} samples at T = "
         f"{cfg.eval.temperature}; seeds {cfg.seeds}. Numbers are % (mean ± std over seeds).",
         "",
         "| stage | " + " | ".join(title for _, title in cols) + " |",
@@ -627,7 +669,7 @@ def markdown_summary(cfg: PipelineConfig, summary, gains, per_seed, protocol: di
 
 
 # Settings that do not change a seed's numbers: a run that differs only in these re-uses finished seeds.
-_NOT_IN_SEED_KEY = ("name", "seeds", "results_dir", "threads", "save_models")
+_NOT_IN_SEED_KEY = ("name", "seeds", "results_dir", "threads", "save_models", "reuse_seeds")
 
 
 def _seed_cache(cfg: PipelineConfig, seed: int) -> tuple[Path, dict[str, Any]]:
@@ -645,7 +687,7 @@ def cached_seed_result(cfg: PipelineConfig, seed: int) -> dict[str, Any] | None:
 def _seed_result(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
     from modern_llm.utils.records import save_cached_result
 
-    saved = cached_seed_result(cfg, seed)
+    saved = cached_seed_result(cfg, seed) if cfg.reuse_seeds else None
     if saved is not None:
         log.info("seed %d: re-using %s (same settings)", seed, _seed_cache(cfg, seed)[0])
         return saved
@@ -655,23 +697,34 @@ def _seed_result(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every seed, write ``<results_dir>/<name>.{json,md}``; return the summary."""
-    from modern_llm.utils.records import now_iso, write_record
-
+    """Run every seed, write ``<results_dir>/<name>.{json,md}`` (``<name>-<task>`` per entry of ``eval_tasks``);
+    return the primary eval set's summary (plus ``evals``: every set's)."""
     started, t0 = now_iso(), time.time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    reused = [seed for seed in cfg.seeds if cached_seed_result(cfg, seed) is not None]
+    reused = [s for s in cfg.seeds if cfg.reuse_seeds and cached_seed_result(cfg, s) is not None]
     per_seed = [_seed_result(cfg, seed) for seed in cfg.seeds]
+    outs = {}
+    for name in eval_task_names(cfg):
+        view = [r | r.get("evals", {}).get(name, {}) for r in per_seed]
+        record_name = f"{cfg.name}-{name}" if cfg.eval_tasks else cfg.name
+        outs[name] = _write_results(cfg, record_name, name, view, reused, started, t0)
+    return outs[eval_task_names(cfg)[0]] | {"evals": outs}
+
+
+def _write_results(cfg, record_name: str, eval_task: str, per_seed, reused, started, t0) -> dict[str, Any]:
     summary = aggregate(per_seed)
     gains = stage_gains(summary, per_seed)
     protocol = {
+        "eval_task": eval_task,
+        "train_task": cfg.data.task,
         "n_eval_questions": cfg.eval.n_questions,
         "eval_split": cfg.eval.split,
         "N": cfg.eval.num_samples,
         "temperature": cfg.eval.temperature,
         "max_new_tokens": cfg.eval.max_new_tokens,
         "greedy": "accuracy column = greedy decoding",
+        "generation_dtype": cfg.eval.dtype,
         "seeds": list(cfg.seeds),
         "train_split": cfg.data.split,
         "train_offset": cfg.offset,
@@ -682,11 +735,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     }
     results = Path(cfg.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{cfg.name}.md").write_text(markdown_summary(cfg, summary, gains, per_seed, protocol))
+    table = markdown_summary(cfg, summary, gains, per_seed, protocol, record_name)
+    (results / f"{record_name}.md").write_text(table)
     write_record(
-        results / f"{cfg.name}.json",
-        name=cfg.name,
-        task=f"alignment/{cfg.data.task}",
+        results / f"{record_name}.json",
+        name=record_name,
+        task=f"alignment/{eval_task}",
         model=cfg.model,
         metrics={"summary": summary, "stage_gains": gains, "per_seed": per_seed},
         protocol=protocol,

@@ -98,7 +98,8 @@ def sweep_seed(cfg: DPOSweepConfig, pipe: Any, seed: int) -> dict[str, float]:
             f"{seed_dir} has no sft_final/ + pairs.jsonl: run the pipeline first "
             f"(modern-llm align --config {cfg.pipeline} --seeds {seed})"
         )
-    task, _, eval_examples = _task_and_data(pipe)
+    _, _, evals = _task_and_data(pipe)
+    task, eval_examples = evals[0].task, evals[0].examples  # the pipeline's primary eval set
     pairs = load_preference_jsonl(pairs_file)
     model, tokenizer = load_policy(policy_dir)
     prompts = [task.render_prompt(ex, chat=pipe.data.chat, tokenizer=tokenizer) for ex in eval_examples]
