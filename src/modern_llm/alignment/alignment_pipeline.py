@@ -764,10 +764,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = run_pipeline(cfg)
-    for row in out["stage_gains"]:
-        gain = f" (gain {100 * row['gain'][0]:+.1f})" if "gain" in row else ""
-        print(f"{row['stage']:>13}: {row['metric']} {100 * row['value'][0]:.1f}%{gain}")
-    print(f"summary: {Path(cfg.results_dir) / (cfg.name + '.md')}")
+    for name, evaluated in out["evals"].items():
+        record = f"{cfg.name}-{name}" if cfg.eval_tasks else cfg.name
+        print(f"eval on {name}:")
+        for row in evaluated["stage_gains"]:
+            gain = f" (gain {100 * row['gain'][0]:+.1f})" if "gain" in row else ""
+            print(f"{row['stage']:>13}: {row['metric']} {100 * row['value'][0]:.1f}%{gain}")
+        print(f"summary: {Path(cfg.results_dir) / (record + '.md')}")
     return 0
 
 
