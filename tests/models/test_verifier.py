@@ -7,7 +7,13 @@ import torch
 
 from modern_llm.config.model_config import ModernLLMConfig
 from modern_llm.models.transformer import ModernDecoderLM
-from modern_llm.models.verifier import Verifier, load_verifier, save_verifier, verifier_from_lm
+from modern_llm.models.verifier import (
+    Verifier,
+    inference_verifier,
+    load_verifier,
+    save_verifier,
+    verifier_from_lm,
+)
 
 
 def _lm(seed=0):
@@ -92,3 +98,17 @@ def test_bad_trunk_is_rejected():
         verifier_from_lm(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="kind"):
         Verifier(torch.nn.Identity(), 4, "other")
+
+
+def test_bf16_inference_verifier_is_a_copy_with_an_fp32_head_and_close_scores():
+    v = verifier_from_lm(_lm())
+    _randomize_head(v)
+    v.eval()
+    assert inference_verifier(v) is v  # fp32: nothing copied
+    fast = inference_verifier(v, torch.bfloat16)
+    assert {p.dtype for p in fast.trunk.parameters()} == {torch.bfloat16}
+    assert fast.head.weight.dtype == torch.float32 and {p.dtype for p in v.parameters()} == {torch.float32}
+    ids = torch.randint(0, 64, (4, 12))
+    scores = fast(ids)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, v(ids), atol=0.1, rtol=0.05)  # bf16 trunk: close, not equal

@@ -515,6 +515,10 @@ def _finish(cfg, result, evals, samples, verifier, tokenizer, seed_dir, t_seed):
     ``result["evals"][name]`` holds each set's ``stages``/``verifier_eval``; ``run_pipeline`` lifts one set's
     to the top level of the per-seed rows its table is built from.
     """
+    if verifier is not None:
+        from modern_llm.models.verifier import inference_verifier
+
+        verifier = inference_verifier(verifier, GENERATION_DTYPES[cfg.eval.dtype])
     per_eval = {}
     for i, e in enumerate(evals):
         per_eval[e.name] = _score_stages(cfg, e, samples[e.name], verifier, tokenizer)

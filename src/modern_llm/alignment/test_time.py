@@ -1132,9 +1132,11 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
             raise ValueError(
                 "score: verifier needs --verifier <folder written by save_verifier> (or score agreement)"
             )
-        from modern_llm.models.verifier import load_verifier
+        from modern_llm.models.verifier import inference_verifier, load_verifier
+        from modern_llm.training.train_sft import GENERATION_DTYPES
 
-        score_fn = VerifierScorer(load_verifier(verifier_path), tokenizer, cfg.data.max_length)
+        verifier = inference_verifier(load_verifier(verifier_path), GENERATION_DTYPES[cfg.dtype])
+        score_fn = VerifierScorer(verifier, tokenizer, cfg.data.max_length)
     elif cfg.score == "steps":
         score_fn = StepCheckScorer(task)
     conditions = {"off": ["tool_off"], "on": ["tool_on"], "compare": ["tool_off", "tool_on"]}[cfg.tools]

@@ -114,6 +114,17 @@ class Verifier(nn.Module):
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()  # (B,)
 
 
+def inference_verifier(verifier: Verifier, dtype: torch.dtype = torch.float32) -> Verifier:
+    """``verifier`` for scoring only: with a reduced ``dtype`` a copy whose trunk runs in it (~2x faster on
+    CPUs with AMX/AVX512-bf16 and on GPUs) while the head stays fp32, so scores keep full resolution and
+    best-of-N ties are not created by rounding. The trained verifier is never modified."""
+    if dtype is torch.float32:
+        return verifier
+    fast = copy.deepcopy(verifier)
+    fast.trunk.to(dtype)
+    return fast
+
+
 def check_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
         raise ValueError(f"verifier pooling must be one of {POOLINGS}, got {pooling!r}")
