@@ -33,7 +33,7 @@ Design choices
   "first non-finite step" marker is checked at log steps and before every save, so a NaN never reaches a
   checkpoint. A non-finite loss raises ``NonFiniteLossError`` and leaves the last good checkpoint untouched.
 - AdamW with decoupled weight decay on >=2-D parameters only (matrices, embeddings), none on biases and norm
-  gains; fused kernel on CUDA. LR: linear warmup then cosine (or constant) as a ``LambdaLR``.
+  gains; fused kernel on CUDA and CPU. LR: linear warmup then cosine (or constant) as a ``LambdaLR``.
 - Only the ``nn.Module`` API is used, so Hugging Face ``PreTrainedModel``s (with or without LoRA adapters) train
   here too: the loss_fn calls the model however that model wants to be called.
 - MFU = model FLOPs per token (``model.flops_per_token(seq_len)``, assumed to count forward + backward, i.e.
@@ -152,8 +152,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = param_groups(model, cfg.weight_decay)
-    all_cuda = all(p.is_cuda for g in params for p in g["params"])
-    fused = device.type == "cuda" and all_cuda
+    flat = [p for g in params for p in g["params"]]
+    # The fused kernel (CUDA, and CPU since torch 2.4: ~2x faster steps than the per-tensor loop) needs plain
+    # tensors on one device type; sharded FSDP2 DTensors keep the default implementation.
+    plain = all(type(p.data) is torch.Tensor for p in flat)
+    fused = plain and device.type in ("cuda", "cpu") and all(p.device.type == device.type for p in flat)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
