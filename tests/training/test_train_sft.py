@@ -15,6 +15,8 @@ from modern_llm.data.tokenizer import train_bpe_tokenizer
 from modern_llm.models.transformer import ModernDecoderLM
 from modern_llm.training.train_sft import (
     LoRAConfig,
+    causal_lm_logits,
+    first_target_position,
     inference_model,
     load_policy,
     main,
@@ -202,3 +204,24 @@ def test_bf16_inference_model_is_a_cast_copy_that_leaves_trained_weights_untouch
     assert out.num_generated_tokens == 4
     with pytest.raises(ValueError, match="generation dtype must be one of"):
         inference_model(model, "fp16")
+
+
+@pytest.mark.parametrize("kind", ["native", "hf", "hf_lora"])
+def test_logits_skip_the_prompt_only_prefix_exactly(tok, kind):
+    model = {
+        "native": lambda: _native(tok),
+        "hf": lambda: _tiny_llama(tok),
+        "hf_lora": lambda: maybe_apply_lora(_tiny_llama(tok), LoRAConfig(enabled=True, r=4, alpha=8)),
+    }[kind]().eval()
+    batch = CausalLMCollator(tok, max_length=64)(RECORDS)
+    from modern_llm.alignment.dpo_loss import next_token_targets
+
+    start = first_target_position(next_token_targets(batch["labels"]))
+    shortest_prompt = min(len(tok(r["prompt"])["input_ids"]) for r in RECORDS)
+    assert start == shortest_prompt - 1 > 0  # the last prompt token predicts the first completion token
+    with torch.no_grad():
+        full, _ = causal_lm_logits(model, batch["input_ids"], batch["attention_mask"])
+        kept, _ = causal_lm_logits(model, batch["input_ids"], batch["attention_mask"], start)
+    assert kept.shape[1] == full.shape[1] - start
+    torch.testing.assert_close(kept, full[:, start:], rtol=1e-5, atol=1e-5)
+    assert first_target_position(torch.full((2, 5), -100)) == 0  # nothing to predict: keep everything

@@ -109,6 +109,7 @@ class ModernDecoderLM(nn.Module):
         targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         kv_cache: KVCacheLike | None = None,
+        logits_to_keep: int = 0,  # > 0: logits for the last that many positions only (as in HF)
     ) -> LMOutput:
         cfg = self.config
         B, T = input_ids.shape
@@ -137,7 +138,13 @@ class ModernDecoderLM(nn.Module):
                 x, aux = block(x, rope, kv_cache)
             for key, value in aux.items():
                 router_stats[key] = router_stats.get(key, 0.0) + value / len(cfg.moe_layers)
-        logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
+        if logits_to_keep:
+            if targets is not None:
+                raise ValueError(
+                    "logits_to_keep cannot be combined with targets (the loss needs every position)"
+                )
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.norm(x)).float()  # (B, T, V), T = logits_to_keep when given
         out = LMOutput(logits=logits, router_stats=router_stats)
         out.aux_loss = self._weighted_aux(router_stats, logits)
         if targets is not None:

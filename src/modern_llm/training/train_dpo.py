@@ -50,6 +50,7 @@ from modern_llm.data.preference_datasets import (
 from modern_llm.training.train_sft import (
     LoRAConfig,
     causal_lm_logits,
+    first_target_position,
     load_policy,
     maybe_apply_lora,
     pad_id_of,
@@ -167,8 +168,10 @@ def pair_logps(
     model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen log-probs (B,), rejected log-probs (B,), completion lengths (2B,)) under ``model``."""
-    logits, _ = causal_lm_logits(model, batch["input_ids"], batch["attention_mask"])  # (2B, T, V)
     targets = next_token_targets(batch["labels"])
+    start = first_target_position(targets)  # the prompt-only prefix needs no logits
+    logits, _ = causal_lm_logits(model, batch["input_ids"], batch["attention_mask"], start)  # (2B, T', V)
+    targets = targets[:, start:]
     logps = sequence_logprobs(logits, targets)  # (2B,)
     chosen, rejected = logps.chunk(2)
     return chosen, rejected, (targets != IGNORE_INDEX).sum(dim=1)

@@ -124,14 +124,40 @@ def is_native(model: nn.Module) -> bool:
 
 
 def causal_lm_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, keep_from: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, T, V) fp32, auxiliary loss) for ModernDecoderLM or a HF causal LM (PEFT-wrapped or not)."""
+    """(logits (B, T - keep_from, V) fp32, auxiliary loss) for ModernDecoderLM or a HF causal LM (PEFT or not).
+
+    ``keep_from`` > 0 computes the LM head only for positions ``keep_from..T-1`` (``logits_to_keep``): the
+    vocabulary projection and its log-softmax are the biggest tensors of a step, and positions whose next
+    token is prompt carry no loss.
+    """
+    keep = input_ids.shape[1] - keep_from
     if is_native(model):
-        out = model(input_ids)
+        out = model(input_ids, logits_to_keep=keep if keep_from else 0)
         return out.logits, out.aux_loss
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.logits.float(), out.logits.new_zeros(())
+    kwargs = {"logits_to_keep": keep} if keep_from and _takes_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    logits = out.logits.float()
+    return logits[:, -keep:] if keep_from and not kwargs else logits, out.logits.new_zeros(())
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(generation_model(model).forward).parameters
+
+
+def first_target_position(targets: torch.Tensor) -> int:
+    """Leftmost position (over the batch) whose next-token target is not ignored; 0 off the CPU.
+
+    Finding it needs the labels on the host: free on CPU, a device sync per step on CUDA, where it is
+    skipped (the head then runs over every position, as before).
+    """
+    if targets.device.type != "cpu":
+        return 0
+    has_target = (targets != IGNORE_INDEX).any(dim=0).nonzero()
+    return int(has_target[0]) if len(has_target) else 0
 
 
 def generation_model(model: nn.Module) -> nn.Module:
@@ -316,7 +342,9 @@ def scratch_tokenizer_texts(task, examples) -> list[str]:
 def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Mean NLL of completion tokens (labels != -100), + MoE aux loss for ModernDecoderLM."""
     targets = next_token_targets(batch["labels"])  # (B, T), aligned with logits
-    logits, aux = causal_lm_logits(model, batch["input_ids"], batch.get("attention_mask"))
+    start = first_target_position(targets)  # the prompt-only prefix needs no logits
+    logits, aux = causal_lm_logits(model, batch["input_ids"], batch.get("attention_mask"), start)
+    targets = targets[:, start:]
     nll_sum = -token_logprobs(logits, targets).sum()
     n_tokens = (targets != IGNORE_INDEX).sum()
     loss = nll_sum / n_tokens.clamp(min=1) + aux
