@@ -451,3 +451,12 @@ def test_generated_latex_compiles(experiments, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert (build / "t.pdf").stat().st_size > 1000
+
+
+def test_figure_captions_name_the_nearest_records_only():
+    from modern_llm.evaluation.report_tables import _nearest_records
+
+    names = [f"run-{i}.json" for i in range(10)] + ["fig-a.json", "fig-a-tool.json"]
+    caption = _nearest_records("fig-a-accuracy-vs-n", names, limit=3)
+    assert caption.startswith("fig-a-tool.json, fig-a.json, ") and caption.endswith("and 9 more")
+    assert _nearest_records("x", ["x.json"]) == "x.json"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,7 @@ MISSING_TEXT = "–"
 NULL_TEXT = "n/a"
 TOP_GROUP_TEXT = "·"  # the group cell of top-level metrics
 FIGURES_PER_FOLDER = 2
+CAPTION_RECORDS = 4  # records named in a figure caption
 FIGURE_PRIORITY = ("sink", "curve", "summary", "overview", "scaling", "accuracy", "pass", "ablation")
 # protocol fields worth printing next to a source (they decide what a number means)
 PROTOCOL_KEYS = (
@@ -571,12 +573,21 @@ def section_figures(
                 except ValueError:
                     shown = png.as_posix()
                 tex_name = re.sub(r"[^A-Za-z0-9]+", "-", png.relative_to(root).with_suffix("").as_posix())
-                records_here = sorted(p.name for p in parent.glob("*.json"))
+                records_here = _nearest_records(png.stem, [p.name for p in parent.glob("*.json")])
                 caption = f"{png.stem.replace('_', ' ')}; figure file {shown}"
                 if records_here:
-                    caption += f", next to record(s) {', '.join(records_here)}"
+                    caption += f", next to record(s) {records_here}"
                 chosen.append(FigureRef(shown, png.resolve(), tex_name + ".png", caption))
     return chosen, left_out
+
+
+def _nearest_records(stem: str, names: list[str], limit: int = CAPTION_RECORDS) -> str:
+    """The ``limit`` records whose names share the longest prefix with the figure's file name, plus a count
+    of the rest: a caption listing a whole folder outgrows what TeX can typeset ("Dimension too large")."""
+    shared = lambda name: len(os.path.commonprefix([stem, name]))  # noqa: E731
+    nearest = sorted(sorted(names, key=lambda n: (-shared(n), n))[:limit])
+    more = len(names) - len(nearest)
+    return ", ".join(nearest) + (f" and {more} more" if more > 0 else "")
 
 
 def not_yet_run_tex(section: Section, area: str) -> str:
