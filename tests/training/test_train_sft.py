@@ -196,6 +196,7 @@ def test_bf16_inference_model_is_a_cast_copy_that_leaves_trained_weights_untouch
     fp32, bf16 = inference_model(model, "fp32"), inference_model(model, "bf16")
     assert fp32 is model.get_base_model()  # no copy at full precision
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert inference_model(bf16, "bf16") is bf16  # already in the target dtype: no second copy
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # trained weights untouched
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     prompt = tok(RECORDS[0]["prompt"])["input_ids"]

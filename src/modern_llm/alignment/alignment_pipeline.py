@@ -16,8 +16,9 @@ Per seed:
 6. ``dpo+verifier``: the DPO policy's N samples reranked by the verifier (best-of-N).
 
 Evaluation protocol, identical for every stage (``evaluate_policy``): the first ``eval.n_questions``
-questions of ``eval.split`` of the train task, or of each task in ``eval_tasks`` (train on GSM8K, evaluate on
-SVAMP and GSM8K: one table per task, the models and verifier shared); accuracy with greedy decoding; N = ``eval.num_samples`` samples at
+questions of ``eval.split`` of the train task, or of each task in ``eval_tasks`` (train on GSM8K, evaluate
+on SVAMP and GSM8K: one table per task, the models and verifier shared); accuracy with greedy decoding;
+N = ``eval.num_samples`` samples at
 ``eval.temperature`` per question (one prefill per question, the engine's ``num_samples``); from the same N
 samples: maj@N (majority vote over extracted answers, ``metrics.majority_vote``), verifier@N (the sample
 with the highest verifier score), weighted@N (verifier-weighted vote), pass@N (oracle: any sample correct,
@@ -121,8 +122,8 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int = 160
     batch_prompts: int = 32  # prompts per engine call (each expanded to num_samples rows)
-    # weights of the model that generates (eval and pair sampling): "bf16" samples from a bf16 copy, ~1.7x
-    # faster on CPUs with AMX/AVX512-bf16 and on GPUs; the trained weights stay fp32
+    # weights of the model that generates (eval and pair sampling): "bf16" samples from a bf16 copy, faster
+    # on CPUs with AMX/AVX512-bf16 (bench/matmul_dtype.py) and on GPUs; the trained weights stay fp32
     dtype: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -179,9 +180,7 @@ class PipelineConfig:
     skip_sft: bool = False  # start DPO from the base (e.g. an instruct model already good at the format)
     stop_after: str = "dpo"  # "base" | "sft" | "dpo" (= every stage, verifier included)
     save_models: bool = True  # seed<k>/{sft,dpo,verifier}_final folders, for test-time compute and chat
-    reuse_seeds: bool = (
-        True  # re-use a seed finished earlier under the same settings (seed<k>/seed_result.json)
-    )
+    reuse_seeds: bool = True  # re-use a seed finished under the same settings (seed<k>/seed_result.json)
     threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is much faster on a shared, loaded CPU
 
     def __post_init__(self) -> None:
@@ -400,10 +399,11 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
         return out
 
     def evaluate(stage: str) -> None:
+        gen_model = inference_model(model, cfg.eval.dtype)  # one (bf16) copy per stage, shared by the sets
         for e in evals:
             key = f"eval_{stage}" if len(evals) == 1 else f"eval_{stage}_{e.name}"
             samples[e.name][stage] = timed(
-                key, generate_for_eval, model, tokenizer, e.task, e.examples, e.prompts, cfg.eval, seed
+                key, generate_for_eval, gen_model, tokenizer, e.task, e.examples, e.prompts, cfg.eval, seed
             )
 
     evaluate("base")

@@ -785,7 +785,7 @@ class TestTimeConfig:
     batch_prompts: int = 8  # prompts per engine call (each expanded to n_max rows)
     seed: int = 0
     threads: int = 1  # torch threads (1 is faster on a shared 2-core box; see bench/decode.py)
-    dtype: str = "fp32"  # weights of the sampling model: "bf16" = a bf16 copy (~1.7x faster with AMX/GPUs)
+    dtype: str = "fp32"  # weights of the sampling model: "bf16" = a bf16 copy (faster with AMX/GPUs)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     results_dir: str = "experiments/test_time"
     samples_dir: str = "runs/test_time"  # per-sample JSONL (not committed)
@@ -797,8 +797,10 @@ class TestTimeConfig:
     aggregate: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
+        from modern_llm.training.train_sft import GENERATION_DTYPES
+
+        if self.dtype not in GENERATION_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(GENERATION_DTYPES)}, got {self.dtype!r}")
         if self.score not in ("verifier", "steps", "agreement", "none"):
             raise ValueError(f"score must be 'verifier', 'steps', 'agreement' or 'none', got {self.score!r}")
         if self.tools not in ("off", "on", "compare"):

@@ -115,7 +115,7 @@ class Verifier(nn.Module):
 
 
 def inference_verifier(verifier: Verifier, dtype: torch.dtype = torch.float32) -> Verifier:
-    """``verifier`` for scoring only: with a reduced ``dtype`` a copy whose trunk runs in it (~2x faster on
+    """``verifier`` for scoring only: with a reduced ``dtype`` a copy whose trunk runs in it (faster on
     CPUs with AMX/AVX512-bf16 and on GPUs) while the head stays fp32, so scores keep full resolution and
     best-of-N ties are not created by rounding. The trained verifier is never modified."""
     if dtype is torch.float32:

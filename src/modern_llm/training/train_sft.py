@@ -172,15 +172,16 @@ GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def inference_model(model: nn.Module, dtype: str = "fp32") -> nn.Module:
     """``generation_model(model)``, cast to ``dtype`` on a copy so trained fp32 weights are never rounded.
 
-    bf16 sampling is ~1.7x faster than fp32 on CPUs with AMX/AVX512-bf16 (and on GPUs); samples then come
-    from the bf16-rounded model, which the records state (``dtype`` in their protocol).
+    bf16 sampling is faster than fp32 on CPUs with AMX/AVX512-bf16 (``bench/matmul_dtype.py``) and on GPUs;
+    samples then come from the bf16-rounded model, which the records state (``dtype`` in their protocol).
     """
     if dtype not in GENERATION_DTYPES:
         raise ValueError(f"generation dtype must be one of {sorted(GENERATION_DTYPES)}, got {dtype!r}")
     gen_model = generation_model(model)
-    if GENERATION_DTYPES[dtype] is torch.float32:
+    target = GENERATION_DTYPES[dtype]
+    if target is torch.float32 or next(gen_model.parameters()).dtype is target:  # nothing to cast
         return gen_model
-    return copy.deepcopy(gen_model).to(GENERATION_DTYPES[dtype])
+    return copy.deepcopy(gen_model).to(target)
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

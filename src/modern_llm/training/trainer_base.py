@@ -153,7 +153,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     params = param_groups(model, cfg.weight_decay)
     flat = [p for g in params for p in g["params"]]
-    # The fused kernel (CUDA, and CPU since torch 2.4: ~2x faster steps than the per-tensor loop) needs plain
+    # The fused kernel (CUDA, and CPU since torch 2.4: faster than the per-tensor loop) needs plain
     # tensors on one device type; sharded FSDP2 DTensors keep the default implementation.
     plain = all(type(p.data) is torch.Tensor for p in flat)
     fused = plain and device.type in ("cuda", "cpu") and all(p.device.type == device.type for p in flat)
