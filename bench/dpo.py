@@ -7,7 +7,10 @@ Same tiny Hugging Face Llama (random init, built here and saved once), same toke
 pairs (explicit {"prompt", "chosen", "rejected"} text, no chat template), same batch size, beta, learning
 rate, AdamW (betas 0.9/0.999, no weight decay, no clipping, constant LR), fp32 on CPU (TRL needs ``bf16=False`` there), and both with reference log-probs precomputed
 once before training (TRL: ``precompute_ref_log_probs=True``), so each step is one policy forward/backward
-over the stacked chosen+rejected batch plus an optimizer step.
+plus an optimizer step. TRL stacks chosen and rejected sequences into one (2B, T) batch; ours (default
+``dpo.share_prompt``) puts each pair in one row, prompt + chosen + rejected with a 4-D mask, so the prompt
+is encoded once (TRL 1.16 has no equivalent; its ``padding_free`` is disabled). Pass ``--no-share-prompt``
+to time our stacked layout instead.
 
 What is timed: optimizer steps only. Ours: the trainer's own ``train_time_s`` (sum of step times). TRL: a
 ``TrainerCallback`` measuring ``on_step_begin`` -> ``on_step_end``, which likewise covers data loading of
@@ -124,7 +127,8 @@ def run_ours(model_dir: Path, pairs, args, out_dir: Path) -> dict[str, float]:
         keep_last_k=1,
         resume="none",
     )
-    summary = train_dpo(model, tok, prefs, DPOConfig(beta=args.beta, max_length=512, chat=False), cfg)
+    dpo_cfg = DPOConfig(beta=args.beta, max_length=512, chat=False, share_prompt=args.share_prompt)
+    summary = train_dpo(model, tok, prefs, dpo_cfg, cfg)
     with open(out_dir / "metrics.csv") as fh:  # log_every=1: one row per step
         losses = [float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")]
     lengths = [len(it["chosen_ids"]) for it in encode_pairs(prefs, tok, 512, chat=False)]
@@ -243,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--no-share-prompt",
+        dest="share_prompt",
+        action="store_false",
+        help="time our stacked (2B, T) layout instead of one prompt-shared row per pair",
+    )
     parser.add_argument("--out", default="experiments/bench/dpo_cpu.json")
     args = parser.parse_args(argv)
 
@@ -293,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": "AdamW betas (0.9, 0.999), no weight decay, no grad clipping, constant LR (both)",
         "final_loss_note": "last logged step's loss; data orders differ between the two trainers",
         "reference": "precomputed once before training (both)",
+        "ours_layout": "prompt shared: one row per pair (prompt + chosen + rejected, 4-D mask)"
+        if args.share_prompt
+        else "stacked: (2B, T), prompt encoded twice (as TRL)",
+        "trl_layout": "stacked: (2B, T), prompt encoded twice",
         "dtype": "fp32",
         "torch_threads": args.threads,
         "trl_version": trl.__version__,

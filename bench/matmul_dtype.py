@@ -8,7 +8,8 @@ which is what makes the SmolLM2 stages affordable on a laptop-class CPU (``train
 from a bf16 copy). The shapes are SmolLM2-135M's (d_model 576, d_ff 1536, vocab 49152) at a decode batch
 (80 rows: 10 prompts x 8 samples) and a training batch (512 rows). Reported: achieved GFLOP/s (2*M*N*K per
 matmul, median of ``--repeats`` timed loops) per dtype and shape, and the bf16/fp32 ratio. The CPU's flags
-(amx_bf16, avx512_bf16) are stored with the record. Never run by the test suite.
+(amx_bf16, avx512_bf16) are stored with the record. On CPUs without them torch emulates bf16 and it is
+several times *slower* than fp32 (``matmul_dtype_cpu_amd_epyc.json``: 0.16-0.20x). Never run by the test suite.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from modern_llm.utils.hardware import cpu_flags
 
 SHAPES = {  # name: (rows M, inner K, out N)
     "decode_mlp": (80, 576, 1536),
@@ -26,17 +28,6 @@ SHAPES = {  # name: (rows M, inner K, out N)
     "train_lm_head": (512, 576, 49152),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
 
 
 def gflops(m: int, k: int, n: int, dtype: torch.dtype, repeats: int, min_time: float) -> float:

@@ -198,3 +198,68 @@ def test_sft_weight_adds_the_chosen_per_token_nll(tok):
     assert loss.item() == pytest.approx(0.6931472 + 0.5 * float(per_token.mean()), rel=1e-5)
     with pytest.raises(ValueError, match="sft_weight"):
         DPOConfig(sft_weight=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------- prompt sharing
+
+VARIED = [
+    PreferencePair(
+        [{"role": "user", "content": "Is " + " ".join(str(j) for j in range(i + 1)) + " even?"}],
+        " ".join(["yes"] * (1 + i % 3)),
+        " ".join(["no", "maybe"] * (1 + i % 2)),
+    )
+    for i in range(6)
+]
+
+
+def _tiny_gpt2(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    ).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_gpt2])
+def test_prompt_shared_logps_equal_the_stacked_layout(tok, build):
+    from modern_llm.training.train_dpo import pair_logps
+
+    model = build(tok).eval()
+    items = encode_pairs(VARIED, tok, max_length=64, chat=True)
+    stacked = DPOCollator(tok.pad_token_id, share_prompt=False)(items)
+    shared = DPOCollator(tok.pad_token_id, share_prompt=True)(items)
+    assert "segment" in shared and shared["input_ids"].shape[0] == len(items)
+    with torch.no_grad():
+        want = pair_logps(model, stacked)
+        got = pair_logps(model, shared)
+    for w, g in zip(want, got):  # chosen (B,), rejected (B,), completion lengths (2B,)
+        torch.testing.assert_close(g, w.to(g.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_shared_gradients_equal_the_stacked_layout(tok):
+    model = _tiny_llama(tok).train()
+    items = encode_pairs(VARIED, tok, max_length=64, chat=True)
+    precompute_reference_logps(model, items, tok.pad_token_id, share_prompt=False)
+    loss_fn = make_dpo_loss(DPOConfig(beta=0.5))
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        loss_fn(model, DPOCollator(tok.pad_token_id, share)(items))[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_prompt_sharing_falls_back_to_stacking_when_prompts_differ(tok):
+    items = encode_pairs(VARIED[:2], tok, max_length=64, chat=True)
+    items[1]["rejected_ids"] = [items[1]["rejected_ids"][0] + 1] + items[1]["rejected_ids"][1:]
+    batch = DPOCollator(tok.pad_token_id, share_prompt=True)(items)
+    assert "segment" not in batch and batch["input_ids"].shape[0] == 4
+
+
+def test_scratch_models_refuse_per_row_positions():
+    from modern_llm.training.train_sft import causal_lm_logits
+
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="Hugging Face model"):
+        causal_lm_logits(_native(), ids, None, 0, torch.arange(4)[None])

@@ -12,7 +12,13 @@ Design choices
   one policy forward. ``reference="policy"`` scores with the policy as it starts (the SFT model);
   ``reference="adapter_disabled"`` scores a PEFT/LoRA policy with its adapters switched off (the base),
   TRL's choice for a fresh adapter.
-- One forward per step: chosen and rejected sequences are stacked into one (2B, T) batch, chosen first.
+- One forward per step. With ``share_prompt`` (the default; Hugging Face models), each pair is ONE row,
+  prompt + chosen + rejected: rejected tokens take positions that continue from the prompt and a 4-D
+  attention mask hides the chosen completion from them, so the prompt is encoded once instead of twice
+  (the idea of "prefix sharing" for DPO, Wang et al., 2024). The last prompt position predicts the first
+  token of both completions. Log-probs equal the stacked layout's up to float rounding (tested against it).
+  Otherwise (scratch models, whose attention takes no custom mask, or pairs whose two prompts were encoded
+  differently) chosen and rejected are stacked into one (2B, T) batch, chosen first.
 - Eval with held-out pairs gives ``eval/rewards/accuracy`` etc. through the trainer's generic eval.
 - ``sft_weight`` adds the chosen completion's per-token NLL to the loss (RPO; Pang et al., 2024, "Iterative
   Reasoning Preference Optimization"): on math pairs plain DPO tends to push the chosen log-probs down along
@@ -21,6 +27,9 @@ Design choices
 Footguns
 - Reference and policy log-probs must come from the same encoding; changing ``max_length`` or the chat
   setting after precomputing invalidates the stored references (``encode_pairs`` recomputes from scratch).
+- Prompt sharing passes ``position_ids`` and a boolean (B, 1, T, T) mask to the HF model; models whose
+  attention ignores custom 4-D masks would silently let rejected tokens see the chosen ones. The parity test
+  covers Llama and GPT-2; set ``dpo.share_prompt false`` for other architectures until tested.
 - With dropout in the model, reference log-probs (eval mode) and policy log-probs (train mode) differ even
   at step 0; the loss at step 0 is exactly log 2 only for dropout-free models.
 """
@@ -38,7 +47,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from modern_llm.alignment.dpo_loss import IGNORE_INDEX, dpo_loss, next_token_targets, sequence_logprobs
+from modern_llm.alignment.dpo_loss import (
+    IGNORE_INDEX,
+    dpo_loss,
+    next_token_targets,
+    sequence_logprobs,
+    token_logprobs,
+)
 from modern_llm.config.base import config_to_dict, parse_config_cli
 from modern_llm.config.train_config import TrainConfig
 from modern_llm.data.preference_datasets import (
@@ -51,6 +66,7 @@ from modern_llm.training.train_sft import (
     LoRAConfig,
     causal_lm_logits,
     first_target_position,
+    is_native,
     load_policy,
     maybe_apply_lora,
     pad_id_of,
@@ -74,6 +90,7 @@ class DPOConfig:
     dpop_lambda: float = 0.0  # DPO-Positive penalty on chosen log-probs falling below the reference; 0 = off
     max_length: int = 512
     chat: bool = True  # render message prompts with the chat template (else HH "Human:/Assistant:" text)
+    share_prompt: bool = True  # one row per pair, prompt encoded once (HF models; scratch models stack)
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -135,22 +152,19 @@ def encode_pairs(
 
 @dataclass
 class DPOCollator:
-    """Encoded pairs -> one (2B, T) batch, chosen rows first; reference log-probs ride along as (B,)."""
+    """Encoded pairs -> one batch: prompt-shared (B, T) rows when asked and possible, else stacked (2B, T).
+
+    Reference log-probs ride along as (B,) when the items carry them.
+    """
 
     pad_id: int
+    share_prompt: bool = False
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
-        labels = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, labels)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            label_t[i, : len(r)] = torch.tensor(lab)
-            mask[i, : len(r)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+        if self.share_prompt and all(_shares_prompt(it) for it in items):
+            batch = prompt_shared_batch(items, self.pad_id)
+        else:
+            batch = stacked_batch(items, self.pad_id)
         if all("ref_chosen_logps" in it for it in items):
             batch["ref_chosen_logps"] = torch.tensor(
                 [it["ref_chosen_logps"] for it in items], dtype=torch.float32
@@ -161,6 +175,77 @@ class DPOCollator:
         return batch
 
 
+def stacked_batch(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded: input_ids / attention_mask / labels (2B, T)."""
+    rows = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+    labels = [it["chosen_labels"] for it in items] + [it["rejected_labels"] for it in items]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    label_t = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        label_t[i, : len(r)] = torch.tensor(lab)
+        mask[i, : len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+def _prompt_length(labels: list[int]) -> int:
+    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+
+
+def _shares_prompt(item: dict[str, Any]) -> bool:
+    """Both sides start with the same non-empty prompt ids and have a non-empty completion."""
+    p = _prompt_length(item["chosen_labels"])
+    return (
+        0 < p == _prompt_length(item["rejected_labels"])
+        and p < min(len(item["chosen_ids"]), len(item["rejected_ids"]))
+        and item["chosen_ids"][:p] == item["rejected_ids"][:p]
+    )
+
+
+def prompt_shared_batch(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, prompt + chosen + rejected, with what ``shared_prompt_logps`` needs.
+
+    input_ids / position_ids / targets / segment (B, T); attention_mask (B, 1, T, T) bool, True = may attend;
+    fork (B,) = the last prompt position; rejected_first (B,) = the rejected completion's first token.
+    ``targets[b, t]`` is the next token of position t's own chain (chosen or rejected), ``segment`` says
+    which chain it scores (1 chosen, 2 rejected, 0 nothing).
+    """
+    parts = []
+    for it in items:
+        p = _prompt_length(it["chosen_labels"])
+        parts.append((it["chosen_ids"][:p], it["chosen_ids"][p:], it["rejected_ids"][p:]))
+    B, width = len(parts), max(len(p) + len(c) + len(r) for p, c, r in parts)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, width), dtype=torch.long)
+    targets = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    segment = torch.zeros((B, width), dtype=torch.long)
+    mask = torch.ones(width, width, dtype=torch.bool).tril().repeat(B, 1, 1)  # (B, T, T) causal
+    fork = torch.empty(B, dtype=torch.long)
+    rejected_first = torch.empty(B, dtype=torch.long)
+    for i, (p, c, r) in enumerate(parts):
+        P, C, R = len(p), len(c), len(r)
+        input_ids[i, : P + C + R] = torch.tensor(p + c + r)
+        positions[i, : P + C] = torch.arange(P + C)
+        positions[i, P + C : P + C + R] = torch.arange(P, P + R)  # rejected continues from the prompt
+        targets[i, P - 1 : P + C - 1] = torch.tensor(c)  # last prompt token + chosen predict chosen
+        segment[i, P - 1 : P + C - 1] = 1
+        targets[i, P + C : P + C + R - 1] = torch.tensor(r[1:], dtype=torch.long)
+        segment[i, P + C : P + C + R - 1] = 2
+        mask[i, P + C :, P : P + C] = False  # rejected (and padding) queries never see the chosen tokens
+        fork[i], rejected_first[i] = P - 1, r[0]
+    return {
+        "input_ids": input_ids,
+        "position_ids": positions,
+        "attention_mask": mask.unsqueeze(1),
+        "targets": targets,
+        "segment": segment,
+        "fork": fork,
+        "rejected_first": rejected_first,
+    }
+
+
 # ----------------------------------------------------------------------------------------------- loss
 
 
@@ -168,6 +253,8 @@ def pair_logps(
     model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen log-probs (B,), rejected log-probs (B,), completion lengths (2B,)) under ``model``."""
+    if "segment" in batch:
+        return shared_prompt_logps(model, batch)
     targets = next_token_targets(batch["labels"])
     start = first_target_position(targets)  # the prompt-only prefix needs no logits
     logits, _ = causal_lm_logits(model, batch["input_ids"], batch["attention_mask"], start)  # (2B, T', V)
@@ -177,6 +264,26 @@ def pair_logps(
     return chosen, rejected, (targets != IGNORE_INDEX).sum(dim=1)
 
 
+def shared_prompt_logps(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pair_logps`` for a ``prompt_shared_batch``: one forward over (B, T) prompt + chosen + rejected rows."""
+    fork = batch["fork"]
+    start = int(fork.min()) if fork.device.type == "cpu" else 0  # positions before every fork score nothing
+    logits, _ = causal_lm_logits(
+        model, batch["input_ids"], batch["attention_mask"], start, batch["position_ids"]
+    )  # (B, T', V)
+    per_token = token_logprobs(logits, batch["targets"][:, start:])  # (B, T'), 0 where nothing is scored
+    segment = batch["segment"][:, start:]
+    chosen = per_token.masked_fill(segment != 1, 0.0).sum(dim=1)
+    rejected = per_token.masked_fill(segment != 2, 0.0).sum(dim=1)
+    rows = torch.arange(len(fork), device=fork.device)
+    fork_logps = torch.log_softmax(logits[rows, fork - start].float(), dim=-1)  # (B, V)
+    rejected = rejected + fork_logps[rows, batch["rejected_first"]]  # the fork also predicts rejected[0]
+    lengths = torch.cat([(segment == 1).sum(dim=1), (segment == 2).sum(dim=1) + 1])
+    return chosen, rejected, lengths
+
+
 @torch.no_grad()
 def precompute_reference_logps(
     model: nn.Module,
@@ -184,13 +291,14 @@ def precompute_reference_logps(
     pad_id: int,
     reference: str = "policy",
     batch_size: int = 8,
+    share_prompt: bool = False,
 ) -> None:
     """Store ``ref_chosen_logps``/``ref_rejected_logps`` (floats) in every encoded pair, in place."""
     if reference == "adapter_disabled" and not hasattr(model, "disable_adapter"):
         raise ValueError(
             "dpo.reference='adapter_disabled' needs a PEFT (LoRA) policy; use reference='policy'"
         )
-    collate = DPOCollator(pad_id)
+    collate = DPOCollator(pad_id, share_prompt)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -267,11 +375,12 @@ def train_dpo(
             "incorrect solution? raise num_samples or temperature)"
         )
     pad = pad_id_of(tokenizer)
+    share = dpo_cfg.share_prompt and not is_native(model)  # scratch attention takes no custom mask
     train_items = encode_pairs(pairs, tokenizer, dpo_cfg.max_length, dpo_cfg.chat)
     eval_items = encode_pairs(eval_pairs, tokenizer, dpo_cfg.max_length, dpo_cfg.chat) if eval_pairs else None
     t0 = time.time()
     precompute_reference_logps(
-        model, train_items + (eval_items or []), pad, dpo_cfg.reference, train_cfg.batch_size
+        model, train_items + (eval_items or []), pad, dpo_cfg.reference, train_cfg.batch_size, share
     )
     log.info(
         "reference log-probs for %d pairs in %.1f s",
@@ -283,7 +392,7 @@ def train_dpo(
         train_items,
         make_dpo_loss(dpo_cfg),
         train_cfg,
-        collate_fn=DPOCollator(pad),
+        collate_fn=DPOCollator(pad, share),
         eval_dataset=eval_items,
         run_config=run_config if run_config is not None else trainer_run_config(model, dpo_cfg),
         save_extra_files=lambda folder: tokenizer.save_pretrained(str(folder / "tokenizer")),

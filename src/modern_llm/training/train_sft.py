@@ -50,6 +50,7 @@ from modern_llm.config.base import config_to_dict, parse_config_cli
 from modern_llm.config.model_config import ModernLLMConfig
 from modern_llm.config.train_config import TrainConfig
 from modern_llm.models.transformer import ModernDecoderLM
+from modern_llm.utils.hardware import warn_if_cpu_bf16_is_emulated
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +125,28 @@ def is_native(model: nn.Module) -> bool:
 
 
 def causal_lm_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, keep_from: int = 0
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    keep_from: int = 0,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, T - keep_from, V) fp32, auxiliary loss) for ModernDecoderLM or a HF causal LM (PEFT or not).
 
     ``keep_from`` > 0 computes the LM head only for positions ``keep_from..T-1`` (``logits_to_keep``): the
     vocabulary projection and its log-softmax are the biggest tensors of a step, and positions whose next
-    token is prompt carry no loss.
+    token is prompt carry no loss. ``position_ids`` (B, T) and a 4-D ``attention_mask`` (HF models only) let
+    DPO share one prompt between two completions (``train_dpo.prompt_shared_batch``).
     """
     keep = input_ids.shape[1] - keep_from
     if is_native(model):
+        if position_ids is not None:
+            raise ValueError("per-row position_ids need a Hugging Face model; scratch models take none")
         out = model(input_ids, logits_to_keep=keep if keep_from else 0)
         return out.logits, out.aux_loss
     kwargs = {"logits_to_keep": keep} if keep_from and _takes_logits_to_keep(model) else {}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = out.logits.float()
     return logits[:, -keep:] if keep_from and not kwargs else logits, out.logits.new_zeros(())
@@ -179,6 +189,8 @@ def inference_model(model: nn.Module, dtype: str = "fp32") -> nn.Module:
         raise ValueError(f"generation dtype must be one of {sorted(GENERATION_DTYPES)}, got {dtype!r}")
     gen_model = generation_model(model)
     target = GENERATION_DTYPES[dtype]
+    if target is torch.bfloat16 and next(gen_model.parameters()).device.type == "cpu":
+        warn_if_cpu_bf16_is_emulated()
     if target is torch.float32 or next(gen_model.parameters()).dtype is target:  # nothing to cast
         return gen_model
     return copy.deepcopy(gen_model).to(target)

@@ -13,14 +13,21 @@ Footguns
 - "L4" is a substring of "L40S" and "A10" of "A100": names are matched with word-boundary patterns, most
   specific first. Cards we have no trustworthy dense figure for (e.g. A10G) are deliberately absent.
 - fp16 autocast needs loss scaling (the trainer adds a GradScaler); bf16 does not.
+- bf16 on a CPU is only fast with native bf16 instructions (Intel AMX-bf16 / AVX512-bf16). Without them torch
+  emulates it: on an AMD EPYC without those flags a bf16 matmul ran at 0.16-0.20x of fp32
+  (``experiments/bench/matmul_dtype_cpu_amd_epyc.json``), so a CPU bf16 request there logs a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -70,7 +77,44 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError("dtype='fp16' needs a CUDA device (loss scaling); use bf16 or fp32 on CPU")
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bf16 support; use --train.dtype fp16 (with loss scaling) or fp32")
+    if dtype is torch.bfloat16 and device.type == "cpu":
+        warn_if_cpu_bf16_is_emulated()
     return dtype
+
+
+_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(cpuinfo_text: str | None = None) -> list[str]:
+    """The bf16/AMX-related flags of the first CPU in ``/proc/cpuinfo`` (or the given text), sorted."""
+    if cpuinfo_text is None:
+        try:
+            cpuinfo_text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo_text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+
+
+def cpu_has_native_bf16(cpuinfo_text: str | None = None) -> bool | None:
+    """True/False from the CPU flags; None when they cannot be read (not Linux), so callers stay quiet."""
+    if cpuinfo_text is None and not Path("/proc/cpuinfo").exists():
+        return None
+    return any(f in _NATIVE_BF16_FLAGS for f in cpu_flags(cpuinfo_text))
+
+
+def warn_if_cpu_bf16_is_emulated(cpuinfo_text: str | None = None) -> bool:
+    """Log a warning (and return True) when bf16 is asked for on a CPU without native bf16 instructions."""
+    if cpu_has_native_bf16(cpuinfo_text) is False:
+        log.warning(
+            "bf16 requested on a CPU without AMX-bf16/AVX512-bf16: torch emulates it, ~5x slower than fp32 "
+            "here (bench/matmul_dtype.py measures it); use dtype fp32 on this machine"
+        )
+        return True
+    return False
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
