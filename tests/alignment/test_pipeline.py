@@ -175,6 +175,31 @@ def test_stop_after_sft_evaluates_only_the_first_stages(tmp_path):
         dataclasses.replace(cfg, stop_after="verifier")
 
 
+def test_gold_fallback_pairs_the_sft_target_with_wrong_samples(tmp_path):
+    # an untrained policy (1 SFT step) solves nothing: without the fallback there would be no pair at all
+    cfg = _tiny_config(tmp_path)
+    cfg = dataclasses.replace(
+        cfg,
+        name="gold",
+        sft_train=dataclasses.replace(cfg.sft_train, max_steps=1, warmup_steps=0),
+        pairs=dataclasses.replace(cfg.pairs, gold_fallback=True),
+    )
+    out = run_pipeline(cfg)
+    stats = out["per_seed"][0]["pairs"]
+    assert stats["n_gold_pairs"] > 0 and stats["n_pairs"] >= stats["n_gold_pairs"]
+    task = get_task("arithmetic", **cfg.data.task_args)
+    train = task.load("train")
+    rows = [
+        json.loads(line) for line in (tmp_path / "runs" / "seed0" / "pairs.jsonl").read_text().splitlines()
+    ]
+    gold_rows = [r for r in rows if r["meta"].get("chosen") == "gold"]
+    assert len(gold_rows) == stats["n_gold_pairs"]
+    assert cfg.data.chat  # chat SFT completions are the target text itself (no leading space)
+    for r in gold_rows:  # chosen is exactly what SFT trained on for that question
+        example = train[cfg.offset + r["meta"]["question"]]
+        assert r["chosen"] == task.target_text(example) != r["rejected"]
+
+
 def test_every_alignment_config_file_loads():
     from pathlib import Path
 

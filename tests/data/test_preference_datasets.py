@@ -185,3 +185,25 @@ def test_sampled_solutions_carry_the_step_check():
     )
     assert graded.correct and graded.steps_ok is False and not graded.is_good(strict=True)
     assert graded.is_good(strict=False)
+
+
+def test_gold_fallback_pairs_the_reference_with_wrong_samples_only_where_nothing_is_good():
+    samples = [
+        [_s("a1", True), _s("a2", False)],  # has a correct sample: gold not used
+        [_s("c1", False), _s("c2", False)],  # all wrong: gold becomes chosen
+        [_s("b1", True), _s("b2", True)],  # all correct: still no pair (nothing to reject)
+    ]
+    gold = ["gold0", "gold1", "gold2"]
+    pairs, stats = build_math_pairs(["p0", "p1", "p2"], samples, 2, seed=0, gold=gold)
+    by_prompt = {}
+    for p in pairs:
+        by_prompt.setdefault(p.prompt, []).append(p)
+    assert [p.chosen for p in by_prompt["p0"]] == ["a1"] and "chosen" not in by_prompt["p0"][0].meta
+    assert {p.chosen for p in by_prompt["p1"]} == {"gold1"}
+    assert {p.rejected for p in by_prompt["p1"]} == {"c1", "c2"}
+    assert all(p.meta["chosen"] == "gold" for p in by_prompt["p1"]) and "p2" not in by_prompt
+    assert stats.n_gold_pairs == 2 and stats.n_pairs == 3 and stats.n_with_pair == 2
+    without, plain = build_math_pairs(["p0", "p1", "p2"], samples, 2, seed=0)
+    assert len(without) == 1 and plain.n_gold_pairs == 0
+    with pytest.raises(ValueError, match="gold solutions"):
+        build_math_pairs(["p0", "p1"], samples[:2], 2, gold=["only one"])

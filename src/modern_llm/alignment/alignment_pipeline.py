@@ -141,6 +141,9 @@ class PairConfig:
     # chosen solutions and positive verifier labels also need every arithmetic step right
     # (task.steps_valid); without it a tiny policy's lucky guesses ("8 - 9 = 1 ... #### 1") become chosen
     strict: bool = False
+    # questions with no good sample pair the dataset's reference solution (chosen) with a wrong sample
+    # (SPIN-style); for policies that solve almost none of the train questions
+    gold_fallback: bool = False
 
 
 def _train(out_dir: str, **kw: Any) -> TrainConfig:
@@ -447,8 +450,13 @@ def run_seed(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
         stop_token_ids(tokenizer),
         cfg.eval.batch_prompts,
     )
+    gold = None
+    if cfg.pairs.gold_fallback:  # the SFT completion text exactly (plain prompts: with its leading space)
+        gold = [
+            task.sft_pair(ex, chat=cfg.data.chat, tokenizer=tokenizer)["completion"] for ex in pair_examples
+        ]
     pairs, pair_stats = build_math_pairs(
-        pair_prompts, train_samples, cfg.pairs.max_pairs_per_question, seed, cfg.pairs.strict
+        pair_prompts, train_samples, cfg.pairs.max_pairs_per_question, seed, cfg.pairs.strict, gold
     )
     save_preference_jsonl(pairs, seed_dir / "pairs.jsonl")
     v_records = verifier_records(pair_prompts, train_samples, cfg.pairs.strict)

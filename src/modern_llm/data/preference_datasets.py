@@ -4,7 +4,11 @@
    writes N solutions per question through the one engine (``inference.generate`` with ``num_samples=N``,
    each prompt prefilled once); the task's own answer checker (``task.is_correct``) labels them; each
    question with at least one correct and one incorrect solution gives pairs chosen = correct,
-   rejected = incorrect. The same labelled samples are the verifier's training data.
+   rejected = incorrect. The same labelled samples are the verifier's training data. With ``gold`` (the
+   dataset's reference solutions), a question whose samples are all wrong still gives pairs: chosen = the
+   reference solution, rejected = a wrong sample (the "real vs generated" pairs of SPIN; Chen et al., 2024,
+   "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models"). A weak policy that
+   solves almost nothing (SmolLM2-135M on GSM8K train: 1% of samples) otherwise yields a handful of pairs.
 2. Chosen/rejected JSONL (``load_preference_jsonl``, ``.jsonl`` or ``.jsonl.gz``), one pair per line in any
    of these shapes (detected per row):
    - HH-RLHF: ``{"chosen": str, "rejected": str}``, whole "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts.
@@ -281,6 +285,7 @@ class PairStats:
     n_all_wrong: int
     n_pairs: int
     sample_accuracy: float  # fraction of all samples that are correct
+    n_gold_pairs: int = 0  # pairs whose chosen is the reference solution (``gold`` fallback)
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -292,17 +297,21 @@ def build_math_pairs(
     max_pairs_per_question: int = 2,
     seed: int = 0,
     strict: bool = False,
+    gold: Sequence[str] | None = None,
 ) -> tuple[list[PreferencePair], PairStats]:
     """chosen = a correct sample, rejected = an incorrect one, per question; see module docstring.
 
     ``strict``: chosen must also have no wrong arithmetic step (``Sample.is_good``); a correct answer
-    reached by wrong steps is then neither chosen nor rejected.
+    reached by wrong steps is then neither chosen nor rejected. ``gold`` (one reference solution per
+    prompt): questions without a good sample use it as the chosen side (pair meta ``"chosen": "gold"``).
     """
     if max_pairs_per_question < 1:
         raise ValueError(f"max_pairs_per_question must be >= 1, got {max_pairs_per_question}")
+    if gold is not None and len(gold) != len(prompts):
+        raise ValueError(f"{len(gold)} gold solutions for {len(prompts)} prompts; pass one per prompt")
     rng = random.Random(seed)
     pairs: list[PreferencePair] = []
-    with_pair = all_correct = all_wrong = n_correct = n_total = 0
+    with_pair = all_correct = all_wrong = n_correct = n_total = n_gold = 0
     for q, (prompt, row) in enumerate(zip(prompts, samples)):
         n_total += len(row)
         n_correct += sum(s.correct for s in row)
@@ -312,15 +321,20 @@ def build_math_pairs(
             all_wrong += 1
         elif all(s.correct for s in row):
             all_correct += 1
+        meta: dict[str, Any] = {"question": q}
+        if not good and bad and gold is not None:
+            good, meta = [gold[q]], {"question": q, "chosen": "gold"}
         if not good or not bad:
             continue
         with_pair += 1
         rng.shuffle(good)
         rng.shuffle(bad)
-        for k in range(min(max_pairs_per_question, max(len(good), len(bad)))):
-            pairs.append(PreferencePair(prompt, good[k % len(good)], bad[k % len(bad)], {"question": q}))
+        n = min(max_pairs_per_question, max(len(good), len(bad)))
+        n_gold += n if "chosen" in meta else 0
+        for k in range(n):
+            pairs.append(PreferencePair(prompt, good[k % len(good)], bad[k % len(bad)], dict(meta)))
     stats = PairStats(
-        len(prompts), with_pair, all_correct, all_wrong, len(pairs), n_correct / max(n_total, 1)
+        len(prompts), with_pair, all_correct, all_wrong, len(pairs), n_correct / max(n_total, 1), n_gold
     )
     return pairs, stats
 
