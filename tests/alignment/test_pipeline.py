@@ -11,9 +11,12 @@ from modern_llm.alignment.alignment_pipeline import (
     PipelineConfig,
     StageSamples,
     aggregate,
+    cached_seed_result,
+    import_seeds_from_record,
     main,
     run_pipeline,
     score_metrics,
+    seed_key,
     stage_gains,
 )
 from modern_llm.config.model_config import ModernLLMConfig
@@ -91,6 +94,37 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path):
     assert again["protocol"]["seeds_reused_from_cache"] == [0]
     with pytest.raises(ValueError, match="already holds checkpoints"):  # reuse off: it trains again
         run_pipeline(dataclasses.replace(cfg, name="fresh", reuse_seeds=False))
+
+    # the committed store under results_dir: found from a fresh out_dir (another session or machine)
+    store = tmp_path / "results" / "seeds" / "tiny-seed0.json"
+    stored = json.loads(store.read_text())
+    assert stored["value"]["git_commit"] and stored["key"]["seed"] == 0
+    stored["value"]["evals"]["arithmetic"]["stages"]["sft"]["accuracy"] = 0.456
+    store.write_text(json.dumps(stored))
+    elsewhere = dataclasses.replace(cfg, out_dir=str(tmp_path / "other_runs"))
+    assert run_pipeline(elsewhere)["per_seed"][0]["stages"]["sft"]["accuracy"] == 0.456
+    changed = dataclasses.replace(elsewhere, eval=dataclasses.replace(cfg.eval, temperature=0.5))
+    assert seed_key(changed, 0) != seed_key(cfg, 0)  # a setting that changes numbers changes the key
+    rounding_only = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, share_prompt=False))
+    assert seed_key(rounding_only, 0) == seed_key(cfg, 0)
+
+    # seeds of an earlier record (here: this run's) move into another store; settings added to the code
+    # since the record count as equal only at their default values
+    rec = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    del rec["protocol"]["config"]["pairs"]["gold_fallback"]  # as if the record predates the option
+    old_record = tmp_path / "old.json"
+    old_record.write_text(json.dumps(rec))
+    moved = dataclasses.replace(elsewhere, results_dir=str(tmp_path / "moved"))
+    assert import_seeds_from_record(moved, old_record) == [0]
+    assert cached_seed_result(moved, 0)["evals"] == rec["metrics"]["per_seed"][0]["evals"]
+    assert cached_seed_result(moved, 0)["imported_from"] == str(old_record)
+    with pytest.raises(ValueError, match=r"pairs.gold_fallback \(a newer setting"):
+        import_seeds_from_record(
+            dataclasses.replace(moved, pairs=dataclasses.replace(cfg.pairs, gold_fallback=True)), old_record
+        )
+    with pytest.raises(ValueError, match=r"eval.temperature \(1.0 in the record, 0.5 here\)"):
+        import_seeds_from_record(changed, old_record)
+
     cache.write_text("{not json")
     with pytest.raises(ValueError, match="delete it"):
         run_pipeline(cfg)

@@ -93,3 +93,18 @@ def test_metric_logger_widens_header_and_truncates_on_resume(tmp_path):
     assert read_metrics(tmp_path) == []
     with pytest.raises(TypeError, match="Python number"):
         MetricLogger(tmp_path).log(1, {"x": torch.tensor(1.0)})
+
+
+def test_records_name_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    # a long run's record must not take the HEAD of commits made in the checkout while it ran
+    records.run_commit.cache_clear()
+    monkeypatch.setattr(records, "git_commit", lambda cwd=None: "a" * 40)
+    try:
+        started = records.now_iso()  # a run takes its start time: the commit is pinned
+        monkeypatch.setattr(records, "git_commit", lambda cwd=None: "b" * 40)
+        path = records.write_record(
+            tmp_path / "r.json", "n", "t", "m", {"x": 1.0}, {}, 0, "cpu", "fp32", started, 1.0
+        )
+        assert json.loads(path.read_text())["git_commit"] == "a" * 40
+    finally:
+        records.run_commit.cache_clear()

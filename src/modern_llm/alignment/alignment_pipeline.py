@@ -49,6 +49,11 @@ Footguns
   re-used by a later run with the same settings: a killed run loses only the seed in progress, and seeds
   can run as separate processes (``--seeds [1]``) before one run with every seed writes the table.
   Delete the file (or change out_dir) to recompute a seed after changing code.
+- A copy of each finished seed also goes to ``<results_dir>/seeds/<name>-seed<k>.json`` (metrics only, a few
+  KB, with the git commit) and is re-used from there too: committed, it lets the seeds of a slow table be
+  run in different sessions or on different machines. Settings that only change float rounding (threads,
+  ``dpo.share_prompt``) are not part of the key, like the run's name and output folders. A seed re-used
+  from the store has no model folders (``save_models``): rerun it in a fresh out_dir to get them.
 - For a scratch model ``base`` is a random network (accuracy ~0 by construction); its row is there so the
   table reads the same for every model.
 """
@@ -184,6 +189,8 @@ class PipelineConfig:
     stop_after: str = "dpo"  # "base" | "sft" | "dpo" (= every stage, verifier included)
     save_models: bool = True  # seed<k>/{sft,dpo,verifier}_final folders, for test-time compute and chat
     reuse_seeds: bool = True  # re-use a seed finished under the same settings (seed<k>/seed_result.json)
+    # an earlier record of this pipeline: its seeds go to the seed store first when its settings match
+    import_record: str | None = None
     threads: int = 0  # torch intra-op threads; 0 = torch's default. 1 is much faster on a shared, loaded CPU
 
     def __post_init__(self) -> None:
@@ -680,31 +687,115 @@ def markdown_summary(
     return "\n".join(lines) + "\n"
 
 
-# Settings that do not change a seed's numbers: a run that differs only in these re-uses finished seeds.
-_NOT_IN_SEED_KEY = ("name", "seeds", "results_dir", "threads", "save_models", "reuse_seeds")
+# Settings that do not change a seed's numbers beyond float rounding: a run that differs only in these
+# re-uses finished seeds. Output folders are excluded too, so a seed found in the committed store counts.
+_NOT_IN_SEED_KEY = (
+    "name",
+    "seeds",
+    "results_dir",
+    "out_dir",
+    "threads",
+    "save_models",
+    "reuse_seeds",
+    "import_record",
+)
+_NOT_IN_SEED_KEY_NESTED = (("dpo", "share_prompt"),)
 
 
-def _seed_cache(cfg: PipelineConfig, seed: int) -> tuple[Path, dict[str, Any]]:
-    key = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_IN_SEED_KEY} | {"seed": seed}
-    return Path(cfg.out_dir) / f"seed{seed}" / "seed_result.json", key
+def seed_key(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
+    """The settings that determine one seed's numbers (the cache key of its saved result)."""
+    return _key_from_dict(config_to_dict(cfg), seed)
+
+
+def _key_from_dict(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    key = {k: v for k, v in config.items() if k not in _NOT_IN_SEED_KEY}
+    for section, name in _NOT_IN_SEED_KEY_NESTED:
+        if isinstance(key.get(section), dict):
+            key[section] = {k: v for k, v in key[section].items() if k != name}
+    return json.loads(json.dumps(key)) | {"seed": seed}
+
+
+def _seed_paths(cfg: PipelineConfig, seed: int) -> tuple[Path, Path]:
+    """(the run folder's cache, the committed store under results_dir) for one seed."""
+    return (
+        Path(cfg.out_dir) / f"seed{seed}" / "seed_result.json",
+        Path(cfg.results_dir) / "seeds" / f"{cfg.name}-seed{seed}.json",
+    )
 
 
 def cached_seed_result(cfg: PipelineConfig, seed: int) -> dict[str, Any] | None:
-    """A finished seed's result when it was produced under the same settings, else None."""
+    """A finished seed's result (run folder first, then the store) made under the same settings, else None."""
     from modern_llm.utils.records import load_cached_result
 
-    return load_cached_result(*_seed_cache(cfg, seed))
+    for path in _seed_paths(cfg, seed):
+        value = load_cached_result(path, seed_key(cfg, seed))
+        if value is not None:
+            log.info("seed %d: re-using %s (same settings)", seed, path)
+            return value
+    return None
+
+
+def import_seeds_from_record(cfg: PipelineConfig, record_path: str | Path) -> list[int]:
+    """Put the seeds of an earlier record of this pipeline into the seed store; return the seeds stored.
+
+    The record's settings must equal ``cfg``'s, except settings added to the code since, which must be at
+    their default values (they reproduce the old behaviour); otherwise this is an error naming the first
+    difference. Each stored seed keeps the record's git commit and names the record it came from.
+    """
+    from modern_llm.utils.records import read_record, save_cached_result
+
+    record = read_record(record_path)
+    old = record.get("protocol", {}).get("config")
+    per_seed = record.get("metrics", {}).get("per_seed")
+    if not isinstance(old, dict) or not isinstance(per_seed, list):
+        raise ValueError(f"{record_path}: not an alignment-pipeline record (no protocol.config / per_seed)")
+    new, defaults = seed_key(cfg, 0), seed_key(PipelineConfig(), 0)
+    difference = _first_difference(new, _key_from_dict(old, 0), defaults)
+    if difference:
+        raise ValueError(f"{record_path}: settings differ from this config at {difference}; not imported")
+    stored = []
+    for entry in per_seed:
+        seed = int(entry["seed"])
+        if seed not in cfg.seeds:
+            continue
+        task_view = set(entry.get("evals", {}).get(cfg.eval_tasks[0], {})) if cfg.eval_tasks else set()
+        value = {k: v for k, v in entry.items() if k not in task_view}  # undo the per-task merge
+        value |= {"git_commit": record.get("git_commit"), "imported_from": str(record_path)}
+        save_cached_result(_seed_paths(cfg, seed)[1], seed_key(cfg, seed), value)
+        stored.append(seed)
+    return stored
+
+
+def _first_difference(new: Any, old: Any, default: Any, path: str = "") -> str | None:
+    """Where two seed keys differ (a dotted path), ignoring keys missing from ``old`` that are at default."""
+    if not (isinstance(new, dict) and isinstance(old, dict)):
+        return None if new == old else f"{path} ({old!r} in the record, {new!r} here)"
+    default = default if isinstance(default, dict) else {}
+    for k in new:
+        where = f"{path}.{k}" if path else k
+        if k not in old:  # added to the code since the record: fine at its default value
+            if new[k] != default.get(k):
+                return f"{where} (a newer setting, not at its default)"
+            continue
+        found = _first_difference(new[k], old[k], default.get(k), where)
+        if found:
+            return found
+    extra = [k for k in old if k not in new]
+    return f"{path}.{extra[0]} (no longer a setting)" if extra else None
 
 
 def _seed_result(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
-    from modern_llm.utils.records import save_cached_result
+    from modern_llm.utils.records import load_cached_result, run_commit, save_cached_result
 
+    key, (_, store) = seed_key(cfg, seed), _seed_paths(cfg, seed)
     saved = cached_seed_result(cfg, seed) if cfg.reuse_seeds else None
     if saved is not None:
-        log.info("seed %d: re-using %s (same settings)", seed, _seed_cache(cfg, seed)[0])
+        if load_cached_result(store, key) is None:  # e.g. finished by a process with another --name
+            save_cached_result(store, key, saved)
         return saved
-    result = run_seed(cfg, seed)
-    save_cached_result(*_seed_cache(cfg, seed), result)
+    result = run_seed(cfg, seed) | {"git_commit": run_commit()}
+    for path in _seed_paths(cfg, seed):
+        save_cached_result(path, key, result)
     return result
 
 
@@ -714,6 +805,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     started, t0 = now_iso(), time.time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if cfg.import_record:
+        imported = import_seeds_from_record(cfg, cfg.import_record)
+        log.info("imported seeds %s from %s into the seed store", imported, cfg.import_record)
     reused = [s for s in cfg.seeds if cfg.reuse_seeds and cached_seed_result(cfg, s) is not None]
     per_seed = [_seed_result(cfg, seed) for seed in cfg.seeds]
     outs = {}

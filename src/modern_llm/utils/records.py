@@ -17,6 +17,7 @@ Footguns
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -68,6 +69,16 @@ def git_commit(cwd: str | Path | None = None) -> str:
     return _rev_parse(None) or _rev_parse(Path(__file__).resolve().parent) or "unknown"
 
 
+@functools.cache
+def run_commit() -> str:
+    """The commit this process started from: ``git_commit()`` at its first call, then the same answer.
+
+    Records of long runs must name the code that ran, not whatever HEAD is when they finish (commits made
+    meanwhile in the same checkout); ``now_iso()``, which every run calls for its start time, pins it.
+    """
+    return git_commit()
+
+
 def current_command() -> str:
     """``sys.argv`` joined and shell-quoted (``python`` prefixed for ``.py`` scripts) so it can be re-run."""
     argv = [os.path.basename(a) if i == 0 and not a.endswith(".py") else a for i, a in enumerate(sys.argv)]
@@ -77,6 +88,7 @@ def current_command() -> str:
 
 
 def now_iso() -> str:
+    run_commit()  # pin the commit when a run takes its start time
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
@@ -140,7 +152,7 @@ def write_record(
         "metrics": _plain(metrics, "metrics"),
         "protocol": _plain(protocol, "protocol"),
         "command": command if command is not None else current_command(),
-        "git_commit": git_commit(),
+        "git_commit": run_commit(),
         "seed": seed,
         "device": device,
         "dtype": dtype,
