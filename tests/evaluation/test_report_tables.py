@@ -120,6 +120,7 @@ def experiments(tmp_path) -> Path:
     write(root, "misc_area/z.json", record("z", {"weird key_with $&#": 1.0}))
     write(root, "attention/raw_dump.json", {"layers": [1, 2]})  # not a record: skipped
     write(root, "attention/broken.json", "{not json")
+    write(root, "alignment/seeds/run-seed0.json", {"key": {"seed": 0}, "value": {"evals": {}}})  # a kept seed
     return root
 
 
@@ -357,7 +358,9 @@ def test_skipped_files_and_other_section(experiments):
     assert {p for p, _ in skipped} == {
         "experiments/attention/raw_dump.json",
         "experiments/attention/broken.json",
+        "experiments/alignment/seeds/run-seed0.json",
     }
+    assert "intermediate result" in dict(skipped)["experiments/alignment/seeds/run-seed0.json"]
     other = rt.other_section(records)
     assert other is not None and other.areas == ("misc_area",)
     prov = rt.render_provenance_tex(records, skipped)
