@@ -263,3 +263,13 @@ def test_scratch_models_refuse_per_row_positions():
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="Hugging Face model"):
         causal_lm_logits(_native(), ids, None, 0, torch.arange(4)[None])
+
+
+def test_prompt_sharing_only_where_a_boolean_mask_means_may_attend(tok):
+    from modern_llm.training.train_dpo import takes_boolean_4d_mask
+
+    sdpa = _tiny_llama(tok)
+    assert sdpa.config._attn_implementation == "sdpa" and takes_boolean_4d_mask(sdpa)
+    sdpa.config._attn_implementation = "eager"  # eager attention adds the mask to the scores
+    assert not takes_boolean_4d_mask(sdpa)
+    assert not takes_boolean_4d_mask(_native())

@@ -28,8 +28,9 @@ Footguns
 - Reference and policy log-probs must come from the same encoding; changing ``max_length`` or the chat
   setting after precomputing invalidates the stored references (``encode_pairs`` recomputes from scratch).
 - Prompt sharing passes ``position_ids`` and a boolean (B, 1, T, T) mask to the HF model; models whose
-  attention ignores custom 4-D masks would silently let rejected tokens see the chosen ones. The parity test
-  covers Llama and GPT-2; set ``dpo.share_prompt false`` for other architectures until tested.
+  attention ignores custom 4-D masks would silently let rejected tokens see the chosen ones. It is used only
+  on SDPA attention (``takes_boolean_4d_mask``: eager attention adds the mask to the scores); the parity
+  test covers Llama and GPT-2; set ``dpo.share_prompt false`` for other architectures until tested.
 - With dropout in the model, reference log-probs (eval mode) and policy log-probs (train mode) differ even
   at step 0; the loss at step 0 is exactly log 2 only for dropout-free models.
 """
@@ -66,6 +67,7 @@ from modern_llm.training.train_sft import (
     LoRAConfig,
     causal_lm_logits,
     first_target_position,
+    generation_model,
     is_native,
     load_policy,
     maybe_apply_lora,
@@ -264,6 +266,18 @@ def pair_logps(
     return chosen, rejected, (targets != IGNORE_INDEX).sum(dim=1)
 
 
+def takes_boolean_4d_mask(model: nn.Module) -> bool:
+    """Whether a boolean (B, 1, T, T) mask means "may attend" to ``model``: HF models on SDPA attention.
+
+    Transformers passes a custom 4-D mask through unchanged; SDPA reads a boolean one as allowed positions,
+    but eager attention *adds* the mask to the scores (True would add 1), and scratch models take none.
+    """
+    if is_native(model):
+        return False
+    config = getattr(generation_model(model), "config", None)
+    return getattr(config, "_attn_implementation", None) == "sdpa"
+
+
 def shared_prompt_logps(
     model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -375,7 +389,7 @@ def train_dpo(
             "incorrect solution? raise num_samples or temperature)"
         )
     pad = pad_id_of(tokenizer)
-    share = dpo_cfg.share_prompt and not is_native(model)  # scratch attention takes no custom mask
+    share = dpo_cfg.share_prompt and takes_boolean_4d_mask(model)
     train_items = encode_pairs(pairs, tokenizer, dpo_cfg.max_length, dpo_cfg.chat)
     eval_items = encode_pairs(eval_pairs, tokenizer, dpo_cfg.max_length, dpo_cfg.chat) if eval_pairs else None
     t0 = time.time()
