@@ -123,7 +123,9 @@ def load_records(
             skipped.append((shown, "not a JSON object"))
             continue
         if set(data) == {"key", "value"}:  # utils.records.save_cached_result: e.g. a pipeline's finished seed
-            skipped.append((shown, "a saved intermediate result (its numbers are in the record that used it)"))
+            skipped.append(
+                (shown, "a saved intermediate result (its numbers are in the record that used it)")
+            )
             continue
         missing = [k for k in RECORD_KEYS if k not in data]
         if missing:
