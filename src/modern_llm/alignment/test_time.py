@@ -367,6 +367,7 @@ def sample_attempts(
         for offset, row in enumerate(results):
             example = examples[start + offset]
             out.append([attempt_from_result(task, example, r) for r in row])
+        log.info("sampled %d/%d prompts x %d", len(out), len(ids), num_samples)  # progress of long runs
     return out
 
 

@@ -40,12 +40,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -262,6 +265,7 @@ def sample_solutions(
         for offset, row in enumerate(results):
             example = examples[start + offset]
             out.append([_graded(task, example, r) for r in row])
+        log.info("sampled %d/%d prompts x %d", len(out), len(ids), num_samples)  # progress of long runs
     return out
 
 
