@@ -47,7 +47,7 @@ from typing import Any
 from modern_llm.utils.records import RECORD_KEYS
 
 MAX_COLS = 6  # value columns per table (a two-column-wide table* holds about this many)
-MAX_ROWS = 18
+MAX_ROWS = 14  # with one source note per record, 18 rows overflowed a page
 ROTATE_FROM = 4  # value columns from which LaTeX headers are set vertically
 SIGNIFICANT = 4
 MISSING = object()  # the record has no value at this path (rendered "–"); distinct from null ("n/a")
