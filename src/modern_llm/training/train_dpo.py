@@ -1,6 +1,6 @@
 """DPO stage: preference pairs -> the one Trainer with the DPO loss (``alignment.dpo_loss``).
 
-    modern-llm train-dpo --config configs/alignment/dpo_hh.yaml [--dpo.beta 0.1 ...]
+    modern-llm dpo --config configs/alignment/dpo_hh.yaml [--dpo.beta 0.1 ...]
 
 What this stage adds to the trainer: encoding pairs (same collator as SFT: completion + EOS, prompt masked),
 the reference log-probs, and a loss function that logs reward margins, reward accuracy and the chosen /
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config_cli(
         DPORunConfig,
         sys.argv[1:] if argv is None else argv,
-        prog="modern-llm train-dpo",
+        prog="modern-llm dpo",
         description="Direct Preference Optimization on chosen/rejected pairs (HH-RLHF, UltraFeedback or "
         "explicit JSONL) with reference log-probs precomputed once; logs reward margins and accuracy.",
     )
