@@ -781,7 +781,7 @@ def _first_difference(new: Any, old: Any, default: Any, path: str = "") -> str |
         if found:
             return found
     extra = [k for k in old if k not in new]
-    return f"{path}.{extra[0]} (no longer a setting)" if extra else None
+    return f"{f'{path}.' if path else ''}{extra[0]} (no longer a setting)" if extra else None
 
 
 def _seed_result(cfg: PipelineConfig, seed: int) -> dict[str, Any]:
