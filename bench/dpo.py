@@ -72,6 +72,22 @@ def make_pairs(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+def gsm8k_pairs(n: int, data_dir: str, seed: int) -> list[dict[str, str]]:
+    """Realistic lengths: GSM8K train questions (plain "Question: ...\nAnswer:" prompts), chosen = the
+    reference solution, rejected = the same solution with a wrong final number (timing only, not training)."""
+    import random
+
+    from modern_llm.data.task_datasets import get_task
+
+    task, rng = get_task("gsm8k"), random.Random(seed)
+    rows = []
+    for ex in task.load("train", data_dir=data_dir, limit=n):
+        gold = task.target_text(ex)
+        wrong = gold.rpartition("#### ")[0] + f"#### {rng.randint(1000, 9999)}"
+        rows.append({"prompt": task.body(ex), "chosen": " " + gold, "rejected": " " + wrong})
+    return rows
+
+
 def build_model_dir(root: Path, pairs: list[dict[str, str]], hidden: int, layers: int) -> Path:
     """A tiny random Llama + our BPE tokenizer, saved as a plain HF folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -248,6 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--model-dir",
+        default=None,
+        help="an existing HF model folder (e.g. the SmolLM2 cache) instead of the tiny random Llama",
+    )
+    parser.add_argument(
+        "--gsm8k-pairs",
+        default=None,
+        metavar="DATA_DIR",
+        help="use --pairs GSM8K train questions from DATA_DIR (realistic lengths) instead of random words",
+    )
+    parser.add_argument(
         "--no-share-prompt",
         dest="share_prompt",
         action="store_false",
@@ -258,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     started, t0 = now_iso(), time.time()
-    pairs = make_pairs(args.pairs, seed=0)
+    pairs = gsm8k_pairs(args.pairs, args.gsm8k_pairs, 0) if args.gsm8k_pairs else make_pairs(args.pairs, 0)
     runs: dict[str, list[dict[str, float]]] = {"ours": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir = build_model_dir(root, pairs, args.hidden, args.layers)
+        model_dir = (
+            Path(args.model_dir) if args.model_dir else build_model_dir(root, pairs, args.hidden, args.layers)
+        )
         for r in range(args.repeats):
             runs["ours"].append(run_ours(model_dir, pairs, args, root / f"ours{r}"))
             runs["trl"].append(run_trl(model_dir, pairs, args, root / f"trl{r}"))
@@ -288,10 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         "reference_logps_vs_trl": reference_check,
         "per_repeat": runs,
     }
+    tiny = f"random LlamaForCausalLM hidden {args.hidden}, {args.layers} layers, 4 heads / 2 KV heads"
     protocol = {
-        "model": f"random LlamaForCausalLM hidden {args.hidden}, {args.layers} layers, 4 heads / 2 KV heads",
-        "tokenizer": "project BPE (512) trained on the pairs",
+        "model": args.model_dir or tiny,
+        "tokenizer": "the model's" if args.model_dir else "project BPE (512) trained on the pairs",
         "pairs": args.pairs,
+        "pair_source": "GSM8K train: reference solution vs wrong final number"
+        if args.gsm8k_pairs
+        else "random words",
         "mean_chosen_tokens_ours": runs["ours"][0]["mean_chosen_len"],
         "mean_chosen_tokens_trl": runs["trl"][0]["mean_chosen_len"],
         "batch_size_pairs": args.batch_size,
