@@ -35,10 +35,12 @@ def test_native_bf16_needs_amx_or_avx512_bf16():
     assert cpu_has_native_bf16(AMD_NO_BF16) is False
 
 
-def test_warning_only_on_cpus_that_emulate_bf16(caplog):
+def test_warning_only_on_cpus_that_emulate_bf16_and_once(caplog, monkeypatch):
+    monkeypatch.setattr(hardware, "_warned_bf16", False)
     with caplog.at_level(logging.WARNING, logger=hardware.__name__):
-        assert warn_if_cpu_bf16_is_emulated(AMD_NO_BF16) is True
         assert warn_if_cpu_bf16_is_emulated(INTEL_AMX) is False
+        assert warn_if_cpu_bf16_is_emulated(AMD_NO_BF16) is True
+        assert warn_if_cpu_bf16_is_emulated(AMD_NO_BF16) is True  # every eval stage asks again
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "fp32" in messages[0]
 

@@ -758,7 +758,7 @@ def import_seeds_from_record(cfg: PipelineConfig, record_path: str | Path) -> li
         seed = int(entry["seed"])
         if seed not in cfg.seeds:
             continue
-        task_view = set(entry.get("evals", {}).get(cfg.eval_tasks[0], {})) if cfg.eval_tasks else set()
+        task_view = set(entry.get("evals", {}).get(eval_task_names(cfg)[0], {}))
         value = {k: v for k, v in entry.items() if k not in task_view}  # undo the per-task merge
         value |= {"git_commit": record.get("git_commit"), "imported_from": str(record_path)}
         save_cached_result(_seed_paths(cfg, seed)[1], seed_key(cfg, seed), value)

@@ -21,6 +21,7 @@ Footguns
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from pathlib import Path
@@ -101,20 +102,33 @@ def cpu_flags(cpuinfo_text: str | None = None) -> list[str]:
 
 def cpu_has_native_bf16(cpuinfo_text: str | None = None) -> bool | None:
     """True/False from the CPU flags; None when they cannot be read (not Linux), so callers stay quiet."""
-    if cpuinfo_text is None and not Path("/proc/cpuinfo").exists():
-        return None
+    if cpuinfo_text is None:
+        return _this_cpu_has_native_bf16()
     return any(f in _NATIVE_BF16_FLAGS for f in cpu_flags(cpuinfo_text))
 
 
+@functools.cache
+def _this_cpu_has_native_bf16() -> bool | None:
+    if not Path("/proc/cpuinfo").exists():
+        return None
+    return any(f in _NATIVE_BF16_FLAGS for f in cpu_flags())
+
+
+_warned_bf16 = False
+
+
 def warn_if_cpu_bf16_is_emulated(cpuinfo_text: str | None = None) -> bool:
-    """Log a warning (and return True) when bf16 is asked for on a CPU without native bf16 instructions."""
-    if cpu_has_native_bf16(cpuinfo_text) is False:
+    """True when bf16 is asked for on a CPU without native bf16 instructions; logs a warning once a process."""
+    global _warned_bf16
+    if cpu_has_native_bf16(cpuinfo_text) is not False:
+        return False
+    if not _warned_bf16:
         log.warning(
             "bf16 requested on a CPU without AMX-bf16/AVX512-bf16: torch emulates it, ~5x slower than fp32 "
             "here (bench/matmul_dtype.py measures it); use dtype fp32 on this machine"
         )
-        return True
-    return False
+        _warned_bf16 = True
+    return True
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
