@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modern_llm.config import ModernLLMConfig
-from modern_llm.inference.kv_cache import KVCache, StaticDecodeStep
+from modern_llm.inference.kv_cache import KVCache, SharedPrefixKVCache, StaticDecodeStep
 from modern_llm.models import ModernDecoderLM
 
 
@@ -116,6 +116,45 @@ def test_expand_and_keep_rows():
     step2 = model(nxt2, kv_cache=cache).logits[:, -1]
     ref2 = model(torch.cat([ids, nxt[[1, 4]], nxt2], 1)).logits[:, -1]
     torch.testing.assert_close(step2, ref2, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["dense", "gqa", "mqa_sinks", "moe", "qk_norm"])
+def test_shared_prefix_decode_matches_full_forwards_with_padding_and_dropped_rows(arch):
+    """n samples on one stored copy of each (left-padded) prompt == each sample's own full forward."""
+    model = make_model(**ARCHS[arch])
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in (4, 9, 6)]
+    T, n = 9, 3
+    ids = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), p]) for p in prompts])
+    pad = torch.arange(T)[None] < torch.tensor([[T - len(p)] for p in prompts])
+    positions = (torch.arange(T)[None] - torch.tensor([[T - len(p)] for p in prompts])).clamp(min=0)
+    prefill = KVCache.for_model(model, 3, T)
+    prefill.mark_padding(pad)
+    model(ids, positions=positions, kv_cache=prefill)
+    cache = SharedPrefixKVCache(prefill, n, max_new=4)
+    seqs = [p.clone() for p in prompts for _ in range(n)]  # row p * n + s
+    for step in range(4):
+        if step == 2:  # drop rows the way the engine drops finished samples; prompt 0 loses all its rows
+            keep = [3, 5, 6, 8]
+            cache.keep_rows(torch.tensor(keep))
+            seqs = [seqs[i] for i in keep]
+        nxt = torch.randint(0, VOCAB, (len(seqs), 1))
+        pos = torch.tensor([[len(s)] for s in seqs])
+        got = model(nxt, positions=pos, kv_cache=cache).logits[:, -1]  # (B, V)
+        seqs = [torch.cat([s, t]) for s, t in zip(seqs, nxt)]
+        for row, s in enumerate(seqs):
+            torch.testing.assert_close(got[row], model(s[None]).logits[0, -1], atol=1e-5, rtol=1e-5)
+    assert cache.rows.k[0].shape[2] == 4  # rows hold only their generated tokens, never the prompt
+
+
+def test_shared_prefix_cache_refuses_multi_token_steps():
+    model = make_model()
+    prefill = KVCache.for_model(model, 1, 8)
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (1, 3)), kv_cache=prefill)
+        cache = SharedPrefixKVCache(prefill, 2, max_new=4)
+        with pytest.raises(ValueError, match="one token per row"):
+            model(torch.randint(0, VOCAB, (2, 2)), kv_cache=cache)
 
 
 @torch.no_grad()

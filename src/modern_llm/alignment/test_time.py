@@ -787,6 +787,9 @@ class TestTimeConfig:
     seed: int = 0
     threads: int = 1  # torch threads (1 is faster on a shared 2-core box; see bench/decode.py)
     dtype: str = "fp32"  # weights of the sampling model: "bf16" = a bf16 copy (faster with AMX/GPUs)
+    # sample a HF Llama policy through a ModernDecoderLM copy (same weights): its N samples per prompt share
+    # the prompt's KV cache, so long few-shot prompts stop dominating decode (train_sft.inference_model)
+    native_decode: bool = False
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     results_dir: str = "experiments/test_time"
     samples_dir: str = "runs/test_time"  # per-sample JSONL (not committed)
@@ -1112,7 +1115,7 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
         return rescore_experiment(cfg)
 
     from modern_llm.inference.tools import calculator_completion
-    from modern_llm.training.train_sft import inference_model, load_policy, load_task, stop_token_ids
+    from modern_llm.training.train_sft import inference_model, is_native, load_policy, load_task, stop_token_ids
     from modern_llm.utils.records import now_iso
 
     torch.set_num_threads(cfg.threads)
@@ -1125,7 +1128,7 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
     task = load_task(cfg.data, cfg.instruction)
     examples = task.load(cfg.eval_split, data_dir=cfg.data.data_dir, limit=cfg.n_questions)
     model, tokenizer = load_policy(policy)
-    model = inference_model(model, cfg.dtype).eval()
+    model = inference_model(model, cfg.dtype, native=cfg.native_decode).eval()
     shots = _demonstrations(cfg, examples)
     prompts = [task.render_prompt(ex, shots, chat=cfg.data.chat, tokenizer=tokenizer) for ex in examples]
     stop_ids = stop_token_ids(tokenizer)
@@ -1214,6 +1217,7 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
         "policy": policy,
         "threads": cfg.threads,
         "generation_dtype": cfg.dtype,
+        "decode_backend": "native (shared-prefix KV)" if is_native(model) else "hf",
         "figure": str(figure),
         "config": config_to_dict(cfg),
     }

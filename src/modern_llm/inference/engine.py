@@ -10,8 +10,9 @@ Design choices
 - Different prompt lengths: ONE left-padded prefill. Padding slots are masked out (the dense cache publishes
   an attention mask, HF gets ``attention_mask``) and every row's positions start at 0 on its first real
   token, so a prompt's continuation is the same as when it is generated alone (tested).
-- ``num_samples``: each prompt is prefilled once, then the cache is repeated N times along the batch (row
-  ``p * N + s`` is sample ``s`` of prompt ``p``) and the N samples decode together.
+- ``num_samples``: each prompt is prefilled once and the N samples decode together (row ``p * N + s`` is
+  sample ``s`` of prompt ``p``). On a ModernDecoderLM (eager decode) the N rows share the prompt's keys and
+  values (``SharedPrefixKVCache``: the prompt is read once per step, not N times); HF models repeat the cache.
 - Randomness: every (prompt, sample) row has its own generator seeded from ``(seed, p, s)``, see
   ``modern_llm.inference.sampling``: same seed -> same outputs, and sample s does not depend on N or batching.
 - Finished rows are dropped from the batch (``keep_rows``), so a long tail does not pay for finished samples.
@@ -53,7 +54,7 @@ from typing import Any
 
 import torch
 
-from modern_llm.inference.kv_cache import KVCache, StaticDecodeStep
+from modern_llm.inference.kv_cache import KVCache, SharedPrefixKVCache, StaticDecodeStep
 from modern_llm.inference.sampling import SamplingParams, make_generators, select_next_tokens
 
 ToolFn = Callable[[str], "str | None"]
@@ -105,7 +106,8 @@ class NativeBackend:
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         self.model, self.decode_mode = model, decode_mode
-        self.cache: KVCache | None = None
+        self.cache: KVCache | SharedPrefixKVCache | None = None
+        self.max_len = 0
         self.next_pos: torch.Tensor | None = None  # (B,)
         self._static: StaticDecodeStep | None = None
 
@@ -134,6 +136,7 @@ class NativeBackend:
         ids = ids.to(self.device)
         pad = torch.arange(T, device=self.device)[None, :] < (T - lengths)[:, None]  # (P, T) True = padding
         self.cache = KVCache.for_model(self.model, len(prompts), max_len)
+        self.max_len = max_len
         positions = None  # no padding: plain 0..T-1 and the fused causal kernels
         if pad.any():
             self.cache.mark_padding(pad)
@@ -143,7 +146,10 @@ class NativeBackend:
         return logits[:, -1].float()
 
     def expand(self, n: int) -> None:
-        self.cache.expand(n)
+        if n > 1 and self.decode_mode == "eager":  # fixed-shape modes need one dense buffer per row
+            self.cache = SharedPrefixKVCache(self.cache, n, self.max_len - self.cache.length)
+        else:
+            self.cache.expand(n)
         self.next_pos = self.next_pos.repeat_interleave(n, dim=0)
 
     def keep_rows(self, rows: torch.Tensor) -> None:

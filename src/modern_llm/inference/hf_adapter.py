@@ -10,6 +10,10 @@ Design choices
   ``model.generate`` does, so greedy outputs agree token for token with ``generate(do_sample=False)``.
 - ``num_samples`` copies of a prompt share one prefill: ``DynamicCache.batch_repeat_interleave``.
 - Finished rows are dropped with ``DynamicCache.batch_select_indices`` so long tails do not pay for them.
+- The cache's layers are ``PreallocatedLayer``s: ``DynamicLayer`` appends a token with ``torch.cat``, i.e. it
+  copies the whole cache of every layer at every step. With 32 samples of a 2-shot GSM8K prompt on CPU that
+  copy was 65% of decode time (py-spy). Ours writes the token into spare capacity sized from ``max_len`` and
+  hands attention a view, so a step costs a write of one position instead of a copy of all of them.
 - Only the last position's logits are needed: ``logits_to_keep=1`` is passed when the model supports it.
 
 Footguns
@@ -19,9 +23,58 @@ Footguns
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values are views into (B, H, capacity, D) buffers filled in place.
+
+    Every HF code path that reads or replaces ``self.keys``/``self.values`` (sequence length, batch
+    selection and repetition, cropping, masks) sees the usual (B, H, S, D) tensors. ``update`` notices when
+    such a path replaced them with a fresh tensor and moves that into a new buffer, so correctness never
+    depends on which ops keep the view.
+    """
+
+    def __init__(self, capacity: int = 0):
+        super().__init__()
+        self.capacity = capacity
+        self._key_buf: torch.Tensor | None = None
+        self._value_buf: torch.Tensor | None = None
+
+    def _in_buffer(self, new_length: int) -> bool:
+        buf = self._key_buf
+        return (
+            buf is not None
+            and self.keys.data_ptr() == buf.data_ptr()
+            and self.values.data_ptr() == self._value_buf.data_ptr()
+            and self.keys.shape[0] == buf.shape[0]
+            and new_length <= buf.shape[2]
+        )
+
+    def _rebuffer(self, length: int, new_length: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        capacity = max(self.capacity, new_length + new_length // 4)  # headroom when max_len was too small
+        self._key_buf = keys.new_empty(*keys.shape[:2], capacity, keys.shape[3])
+        self._value_buf = values.new_empty(*values.shape[:2], capacity, values.shape[3])
+        if length:
+            self._key_buf[:, :, :length] = self.keys
+            self._value_buf[:, :, :length] = self.values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        new_length = length + key_states.shape[-2]
+        if not self._in_buffer(new_length):
+            self._rebuffer(length, new_length, key_states, value_states)
+        self._key_buf[:, :, length:new_length] = key_states
+        self._value_buf[:, :, length:new_length] = value_states
+        self.keys = self._key_buf[:, :, :new_length]  # (B, H, S, D) views
+        self.values = self._value_buf[:, :, :new_length]
+        return self.keys, self.values
 
 
 class HFCausalLMBackend:
@@ -69,6 +122,12 @@ class HFCausalLMBackend:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (P, T)
         self.cache = DynamicCache(config=self.model.config)
+        # Only plain DynamicLayers are swapped; sliding-window / linear-attention layers keep their own logic.
+        self.cache.layers = [
+            PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer for layer in self.cache.layers
+        ]
+        if self.cache.layer_class_to_replicate is DynamicLayer:  # configs the cache could not read layers from
+            self.cache.layer_class_to_replicate = functools.partial(PreallocatedLayer, max_len)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,

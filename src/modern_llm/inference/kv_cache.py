@@ -18,6 +18,13 @@ Design choices
   ``attn_mask`` hides the slots not yet written. Python-side state (``length``) is advanced by the step
   object outside the captured region.
 
+- ``SharedPrefixKVCache`` (the engine's ``num_samples`` decode on CPU/GPU eager): after one prefill, N samples
+  of a prompt share its keys/values instead of N copies. ``expand(n)`` would copy the prompt n times and
+  every decode step would read all n copies; with 32 samples of an 800-token GSM8K prompt that read was the
+  largest part of a SmolLM2 step on CPU. Rows own only the tokens generated after the prefill; each prompt's
+  prefix is attended once for all its rows (N * group queries in one matmul) and merged with the row's own
+  part through log-sum-exp, which is exact (the block merge of FlashAttention / "cascade" inference).
+
 Footguns
 - Writing past ``max_len`` raises; size the cache for prompt + max_new_tokens (+ tool insertions, which the
   engine counts inside max_new_tokens).
@@ -158,6 +165,91 @@ class KVCache:
         self.v = [t.index_select(0, rows) for t in self.v]
         self.key_valid = self.key_valid.index_select(0, rows)
         self.has_padding = bool((~self.key_valid[:, : self.length]).any())
+
+
+def attend_block(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of queries (..., M, D) over one block of keys/values (..., S, D), no causal mask.
+
+    Returns (output (..., M, D), log-sum-exp of the scaled scores (..., M, 1) fp32); ``valid`` (S,) bool
+    hides keys. Two blocks' outputs merge exactly by their log-sum-exps (``SharedPrefixKVCache.attend``).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (..., M, S)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    lse = scores.logsumexp(dim=-1, keepdim=True)  # (..., M, 1)
+    return torch.matmul((scores - lse).exp().to(v.dtype), v), lse
+
+
+class SharedPrefixKVCache:
+    """Decode cache for n samples of each of P prompts whose prefill keys/values are stored once.
+
+    Built from the prefilled ``KVCache`` of the P prompts (row order ``p * n + s``, as ``KVCache.expand``).
+    ``update`` stores each row's new token in ``rows``, a plain ``KVCache`` of ``max_new`` slots; the model's
+    attention calls ``attend`` (it checks ``shared_prefix``). ``keep_rows`` drops finished rows (only their
+    own slots are copied). Decoding only: one new token per row per step.
+    """
+
+    shared_prefix = True
+    attn_mask = None  # rows hold no padding: the prompt's padding is handled inside ``attend``
+
+    def __init__(self, prompts: KVCache, n: int, max_new: int):
+        L = prompts.length
+        self.prefix_k = [k[:, :, :L] for k in prompts.k]  # per layer (P, KV, L, D)
+        self.prefix_v = [v[:, :, :L] for v in prompts.v]
+        self.prefix_valid = prompts.key_valid[:, :L]  # (P, L) False = left padding
+        self.prefix_length = L
+        P, KV, _, D = prompts.k[0].shape
+        k0 = prompts.k[0]
+        self.rows = KVCache(prompts.n_layers, P * n, max_new, KV, D, dtype=k0.dtype, device=k0.device)
+        self.row_prompt = torch.arange(P).repeat_interleave(n)  # (B,) on the host: only used for slicing
+        self._groups = self._prompt_groups()
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows.batch_size
+
+    @property
+    def next_position(self) -> int:
+        return self.prefix_length + self.rows.length
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, KV, 1, D) keys/values; return the rows' own ones (B, KV, S, D)."""
+        if k.shape[2] != 1:
+            raise ValueError(
+                f"SharedPrefixKVCache decodes one token per row per step, got {k.shape[2]}; run a multi-token "
+                "forward on a KVCache (expand() it instead)"
+            )
+        return self.rows.update(layer_idx, k, v)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.rows.keep_rows(rows)
+        self.row_prompt = self.row_prompt[rows.cpu()]
+        self._groups = self._prompt_groups()
+
+    def _prompt_groups(self) -> list[tuple[int, int, int]]:
+        """(prompt, first row, end row): each prompt's rows are contiguous, and stay so under keep_rows."""
+        prompts, counts = torch.unique_consecutive(self.row_prompt, return_counts=True)
+        ends = counts.cumsum(0)
+        return [(int(p), int(e - c), int(e)) for p, c, e in zip(prompts, counts, ends)]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Queries (B, H, 1, D) over [their prompt's prefix ; their own keys k/v (B, KV, S, D)] -> (B, H, 1, D)."""
+        B, H, _, D = q.shape
+        KV = k.shape[1]
+        q = q.reshape(B, KV, H // KV, D)  # query heads grouped under their KV head (GQA)
+        out_own, lse_own = attend_block(q, k, v)  # (B, KV, g, D), (B, KV, g, 1)
+        out_pre, lse_pre = torch.empty_like(out_own), torch.empty_like(lse_own)
+        pk, pv = self.prefix_k[layer_idx], self.prefix_v[layer_idx]
+        for p, start, end in self._groups:  # all rows of a prompt in one matmul: its prefix is read once
+            qp = q[start:end].transpose(0, 1).reshape(KV, -1, D)  # (KV, rows * g, D)
+            o, lse = attend_block(qp, pk[p], pv[p], self.prefix_valid[p])
+            out_pre[start:end] = o.view(KV, end - start, -1, D).transpose(0, 1)
+            lse_pre[start:end] = lse.view(KV, end - start, -1, 1).transpose(0, 1)
+        lse = torch.logaddexp(lse_pre, lse_own)
+        y = out_pre.float() * (lse_pre - lse).exp() + out_own.float() * (lse_own - lse).exp()
+        return y.to(q.dtype).view(B, H, 1, D)
 
 
 class StaticDecodeStep:

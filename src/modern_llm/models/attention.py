@@ -20,6 +20,8 @@ Footguns
   (true for both the dense and the streaming cache in ``modern_llm.inference``) — unless the cache exposes
   an ``attn_mask`` attribute (bool, (B, 1, T, S), True = may attend), which then replaces the causal logic.
   The dense cache sets it for left-padded batches and for the static-shape (CUDA-graph) decode step.
+  A cache with ``shared_prefix = True`` (``SharedPrefixKVCache``) does the attention itself (``attend``):
+  n samples of one prompt then read the prompt's keys once.
 """
 
 from __future__ import annotations
@@ -96,9 +98,21 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), new tokens last
             mask = getattr(kv_cache, "attn_mask", None)  # (B, 1, T, S) bool when the cache holds padding
-        y = self._attend(q, k, v, mask)  # (B, H, T, D)
+        if getattr(kv_cache, "shared_prefix", False):  # n samples per prompt: the cache attends the prompt once
+            y = kv_cache.attend(self.layer_idx, q, *self._with_sinks(k, v))  # (B, H, 1, D)
+        else:
+            y = self._attend(q, k, v, mask)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.resid_dropout(self.out(y))
+
+    def _with_sinks(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepend the learned sink keys/values (visible to every query): (B, KV, S, D) -> (B, KV, s+S, D)."""
+        if not self.n_sinks:
+            return k, v
+        B = k.shape[0]
+        k = torch.cat([self.sink_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([self.sink_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        return k, v
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
@@ -107,9 +121,7 @@ class Attention(nn.Module):
         S = k.shape[2]
         dropout = self.attn_dropout if self.training else 0.0
         n_sinks = self.n_sinks
-        if n_sinks:
-            k = torch.cat([self.sink_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, KV, s+S, D)
-            v = torch.cat([self.sink_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        k, v = self._with_sinks(k, v)  # (B, KV, s+S, D)
         if mask is not None:  # the cache decides which slots each query sees (padding, static buffers)
             if n_sinks:  # sinks are visible to every query
                 mask = torch.cat([mask.new_ones(*mask.shape[:-1], n_sinks), mask], dim=-1)

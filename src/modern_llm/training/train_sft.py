@@ -179,15 +179,21 @@ def generation_model(model: nn.Module) -> nn.Module:
 GENERATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def inference_model(model: nn.Module, dtype: str = "fp32") -> nn.Module:
+def inference_model(model: nn.Module, dtype: str = "fp32", native: bool = False) -> nn.Module:
     """``generation_model(model)``, cast to ``dtype`` on a copy so trained fp32 weights are never rounded.
 
     bf16 sampling is faster than fp32 on CPUs with AMX/AVX512-bf16 (``bench/matmul_dtype.py``) and on GPUs;
     samples then come from the bf16-rounded model, which the records state (``dtype`` in their protocol).
+    ``native`` turns a HF Llama/Mixtral into a ModernDecoderLM copy with the same weights, so the engine
+    decodes it on our backend, where N samples of a prompt share its KV cache (``SharedPrefixKVCache``).
     """
     if dtype not in GENERATION_DTYPES:
         raise ValueError(f"generation dtype must be one of {sorted(GENERATION_DTYPES)}, got {dtype!r}")
     gen_model = generation_model(model)
+    if native and not is_native(gen_model):
+        from modern_llm.models.hf_convert import from_hf_model
+
+        gen_model = from_hf_model(gen_model).to(next(gen_model.parameters()).device)
     target = GENERATION_DTYPES[dtype]
     if target is torch.bfloat16 and next(gen_model.parameters()).device.type == "cpu":
         warn_if_cpu_bf16_is_emulated()
