@@ -243,6 +243,38 @@ def test_engine_on_hf_llama_equals_hf_generate(tok, penalty):
             assert len(row[0].token_ids) == 12
 
 
+def test_hf_backend_appends_in_place_and_matches_hf_dynamic_cache(tok):
+    """PreallocatedLayer: decode steps write into one buffer (no per-token copy), and the cache's keys equal
+    DynamicCache's after the same prefill, sample expansion, decode steps and row dropping."""
+    from transformers import DynamicCache
+
+    from modern_llm.inference.hf_adapter import HFCausalLMBackend
+
+    hf = tiny_llama(len(tok))
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    ours = HFCausalLMBackend(hf)
+    ours.prefill(prompts, max_len=40)
+    ours.expand(2)
+    ref = HFCausalLMBackend(hf)
+    ref.prefill(prompts, max_len=40)
+    ref.cache = DynamicCache(
+        ddp_cache_data=[(layer.keys.clone(), layer.values.clone()) for layer in ref.cache.layers]
+    )
+    ref.expand(2)
+    addresses = []
+    for step in range(5):
+        if step == 3:  # drop finished rows, as the engine does
+            ours.keep_rows(torch.tensor([0, 3, 5]))
+            ref.keep_rows(torch.tensor([0, 3, 5]))
+        tokens = torch.randint(0, len(tok), (ours.attention_mask.shape[0],))
+        torch.testing.assert_close(ours.decode(tokens), ref.decode(tokens), atol=1e-5, rtol=1e-5)
+        addresses.append(ours.cache.layers[0].keys.data_ptr())
+    for a, b in zip(ours.cache.layers, ref.cache.layers):
+        torch.testing.assert_close(a.keys, b.keys)
+    # expand and keep_rows replace the tensors (one re-buffering each); plain decode steps never do
+    assert addresses[0] == addresses[1] == addresses[2] and addresses[3] == addresses[4]
+
+
 @pytest.mark.parametrize("arch", ["gqa", "moe_all"])
 def test_engine_on_modern_model_equals_engine_on_exported_hf_model(tok, arch):
     kw = {"gqa": {"n_kv_heads": 2}, "moe_all": {"moe_layers": [0, 1], "moe_capacity_factor": 0.0}}[arch]
