@@ -10,10 +10,13 @@ Contenders per model, each generating ``--new-tokens`` tokens per sample at temp
   n1            generate(prompt, num_samples=1)
   nN-shared     generate(prompt, num_samples=N)            one prefill, N rows decoded together
   nN-copies     generate([prompt] * N, num_samples=1)      N prefills (one batched forward), same decode batch
+  nN-shared-densekv  (native models) num_samples=N with the prompt's K/V copied into each row, as before
+                the shared-prefix cache; ``decode_speedup_shared_kv_vs_dense_kv`` compares the decode parts
 Each is also timed with max_new_tokens=1 (prefill + first token), which splits the cost into prefill and decode.
 
 Models: a random ModernDecoderLM (native backend, our KV cache) and, when available offline, SmolLM2-135M
-(HF backend). Protocol as in ``bench/decode.py``: median of ``--repeats`` after one warm-up round, contenders
+(HF backend; with ``--hf-native`` also as a ModernDecoderLM copy). Long prompts (``--prompt-len 800``, a
+2-shot GSM8K prompt) show what the shared-prefix KV cache saves. Protocol as in ``bench/decode.py``: median of ``--repeats`` after one warm-up round, contenders
 interleaved round-robin (load drift on the shared machine hits all alike), 1 thread by default. Never run by
 the test suite.
 """
@@ -43,17 +46,24 @@ def _interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) ->
 
 def measure(model, prompt: list[int], n: int, new_tokens: int, repeats: int, seed: int) -> dict[str, float]:
     """Median seconds of each contender at ``new_tokens`` and at 1 token, plus the derived ratios."""
-    from modern_llm.inference.engine import generate
+    from modern_llm.inference.engine import NativeBackend, generate
     from modern_llm.inference.sampling import SamplingParams
+    from modern_llm.models.transformer import ModernDecoderLM
 
-    def call(prompts, num_samples, tokens):
+    def call(target, prompts, num_samples, tokens):
         params = SamplingParams(temperature=0.8, seed=seed, max_new_tokens=tokens)
-        return lambda: generate(model, None, prompts, params, num_samples=num_samples, ignore_eos=True)
+        return lambda: generate(target, None, prompts, params, num_samples=num_samples, ignore_eos=True)
 
-    contenders = {"n1": ([prompt], 1), f"n{n}-shared": ([prompt], n), f"n{n}-copies": ([prompt] * n, 1)}
+    contenders = {
+        "n1": (model, [prompt], 1),
+        f"n{n}-shared": (model, [prompt], n),
+        f"n{n}-copies": (model, [prompt] * n, 1),
+    }
+    if isinstance(model, ModernDecoderLM):  # the same N rows with the prompt's K/V copied into every row
+        contenders[f"n{n}-shared-densekv"] = (NativeBackend(model, share_prefix=False), [prompt], n)
     runs = {
-        (name, tokens): call(prompts, k, tokens)
-        for name, (prompts, k) in contenders.items()
+        (name, tokens): call(target, prompts, k, tokens)
+        for name, (target, prompts, k) in contenders.items()
         for tokens in (1, new_tokens)
     }
     with torch.inference_mode():
@@ -67,6 +77,9 @@ def measure(model, prompt: list[int], n: int, new_tokens: int, repeats: int, see
     out[f"ratio_n{n}_shared_vs_n1"] = round(med[(f"n{n}-shared", new_tokens)] / t1, 3)
     out[f"ratio_n{n}_copies_vs_n1"] = round(med[(f"n{n}-copies", new_tokens)] / t1, 3)
     out[f"ratio_n{n}_shared_vs_{n}_separate_calls"] = round(med[(f"n{n}-shared", new_tokens)] / (n * t1), 3)
+    if f"n{n}-shared-densekv" in contenders:
+        dense = med[(f"n{n}-shared-densekv", new_tokens)] - med[(f"n{n}-shared-densekv", 1)]
+        out[f"decode_speedup_shared_kv_vs_dense_kv_n{n}"] = round(dense / out[f"n{n}-shared/decode_s"], 3)
     return out
 
 
@@ -101,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-kv-heads", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--hf-model", default="smollm2-135m-instruct", help="registry name; '' to skip")
+    parser.add_argument(
+        "--hf-native",
+        action="store_true",
+        help="also run the HF model as a ModernDecoderLM copy (native backend, shared-prefix KV cache)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -120,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             hf, _ = load_model(args.hf_model, device="cpu", task="causal")
             models["hf"] = (hf.eval(), hf.config.vocab_size, f"{args.hf_model} (HF backend)")
+            if args.hf_native:
+                from modern_llm.models.hf_convert import from_hf_model
+
+                desc = f"{args.hf_model} as ModernDecoderLM (native backend)"
+                models["hf_native"] = (from_hf_model(hf), hf.config.vocab_size, desc)
         except Exception as err:  # an optional contender: report and go on with the native model
             print(f"skipping {args.hf_model}: {type(err).__name__}: {err}", file=sys.stderr)
     metrics: dict[str, float] = {}
@@ -147,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "sampling": "temperature 0.8, EOS ignored (every sample generates new_tokens tokens)",
-            "contenders": "n1 = 1 sample; nN-shared = num_samples=N (one prefill); nN-copies = N copies of "
-            "the prompt (N prefills in one batch)",
+            "contenders": "n1 = 1 sample; nN-shared = num_samples=N (one prefill; native models share the "
+            "prompt's KV cache); nN-copies = N copies of the prompt (N prefills in one batch); nN-shared-densekv "
+            "= num_samples=N with the prompt's KV copied per row (native models)",
             "repeats": args.repeats,
             "statistic": "median after 1 warm-up round, contenders interleaved round-robin",
             "threads": args.threads,

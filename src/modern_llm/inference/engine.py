@@ -102,10 +102,11 @@ class StreamEvent:
 class NativeBackend:
     """Engine backend for ``ModernDecoderLM`` on our preallocated ``KVCache``."""
 
-    def __init__(self, model: torch.nn.Module, decode_mode: str = "eager"):
+    def __init__(self, model: torch.nn.Module, decode_mode: str = "eager", share_prefix: bool = True):
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         self.model, self.decode_mode = model, decode_mode
+        self.share_prefix = share_prefix  # False: expand() copies the prompt's K/V per sample (bench baseline)
         self.cache: KVCache | SharedPrefixKVCache | None = None
         self.max_len = 0
         self.next_pos: torch.Tensor | None = None  # (B,)
@@ -146,7 +147,7 @@ class NativeBackend:
         return logits[:, -1].float()
 
     def expand(self, n: int) -> None:
-        if n > 1 and self.decode_mode == "eager":  # fixed-shape modes need one dense buffer per row
+        if n > 1 and self.share_prefix and self.decode_mode == "eager":  # fixed shapes need dense rows
             self.cache = SharedPrefixKVCache(self.cache, n, self.max_len - self.cache.length)
         else:
             self.cache.expand(n)

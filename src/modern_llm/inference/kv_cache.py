@@ -172,8 +172,8 @@ def attend_block(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of queries (..., M, D) over one block of keys/values (..., S, D), no causal mask.
 
-    Returns (output (..., M, D), log-sum-exp of the scaled scores (..., M, 1) fp32); ``valid`` (S,) bool
-    hides keys. Two blocks' outputs merge exactly by their log-sum-exps (``SharedPrefixKVCache.attend``).
+    Returns (output (..., M, D), log-sum-exp of the scaled scores (..., M, 1) fp32); ``valid`` (bool,
+    broadcastable to (..., M, S)) hides keys. Two blocks' outputs merge exactly by their log-sum-exps (``SharedPrefixKVCache.attend``).
     """
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (..., M, S)
     if valid is not None:
@@ -203,8 +203,8 @@ class SharedPrefixKVCache:
         P, KV, _, D = prompts.k[0].shape
         k0 = prompts.k[0]
         self.rows = KVCache(prompts.n_layers, P * n, max_new, KV, D, dtype=k0.dtype, device=k0.device)
-        self.row_prompt = torch.arange(P).repeat_interleave(n)  # (B,) on the host: only used for slicing
-        self._groups = self._prompt_groups()
+        self.row_prompt = torch.arange(P, device=k0.device).repeat_interleave(n)  # (B,)
+        self._place_rows()
 
     @property
     def batch_size(self) -> int:
@@ -225,28 +225,33 @@ class SharedPrefixKVCache:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.rows.keep_rows(rows)
-        self.row_prompt = self.row_prompt[rows.cpu()]
-        self._groups = self._prompt_groups()
+        self.row_prompt = self.row_prompt.index_select(0, rows.to(self.row_prompt.device))
+        self._place_rows()
 
-    def _prompt_groups(self) -> list[tuple[int, int, int]]:
-        """(prompt, first row, end row): each prompt's rows are contiguous, and stay so under keep_rows."""
-        prompts, counts = torch.unique_consecutive(self.row_prompt, return_counts=True)
-        ends = counts.cumsum(0)
-        return [(int(p), int(e - c), int(e)) for p, c, e in zip(prompts, counts, ends)]
+    def _place_rows(self) -> None:
+        """Each row's (prompt, slot) in a (P, slots) grid, so all prompts attend in one batched matmul.
+
+        Rows of a prompt are contiguous (row order p * n + s, kept by keep_rows); slot = rank within them.
+        """
+        rp = self.row_prompt
+        first = torch.searchsorted(rp, rp)  # index of the first row of each row's prompt (rp is sorted)
+        self._slot = torch.arange(len(rp), device=rp.device) - first
+        self._n_slots = int(self._slot.max()) + 1
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Queries (B, H, 1, D) over [their prompt's prefix ; their own keys k/v (B, KV, S, D)] -> (B, H, 1, D)."""
         B, H, _, D = q.shape
-        KV = k.shape[1]
-        q = q.reshape(B, KV, H // KV, D)  # query heads grouped under their KV head (GQA)
+        KV, g = k.shape[1], H // k.shape[1]
+        q = q.reshape(B, KV, g, D)  # query heads grouped under their KV head (GQA)
         out_own, lse_own = attend_block(q, k, v)  # (B, KV, g, D), (B, KV, g, 1)
-        out_pre, lse_pre = torch.empty_like(out_own), torch.empty_like(lse_own)
-        pk, pv = self.prefix_k[layer_idx], self.prefix_v[layer_idx]
-        for p, start, end in self._groups:  # all rows of a prompt in one matmul: its prefix is read once
-            qp = q[start:end].transpose(0, 1).reshape(KV, -1, D)  # (KV, rows * g, D)
-            o, lse = attend_block(qp, pk[p], pv[p], self.prefix_valid[p])
-            out_pre[start:end] = o.view(KV, end - start, -1, D).transpose(0, 1)
-            lse_pre[start:end] = lse.view(KV, end - start, -1, 1).transpose(0, 1)
+        pk, pv = self.prefix_k[layer_idx], self.prefix_v[layer_idx]  # (P, KV, L, D)
+        P, n = pk.shape[0], self._n_slots
+        grid = q.new_zeros(P, n, KV, g, D)  # empty slots (finished rows) attend too and are dropped
+        grid[self.row_prompt, self._slot] = q
+        grid = grid.permute(0, 2, 1, 3, 4).reshape(P, KV, n * g, D)  # a prompt's queries share its keys
+        out, lse = attend_block(grid, pk, pv, self.prefix_valid[:, None, None, :])  # (P, KV, n*g, D|1)
+        out_pre = out.view(P, KV, n, g, D).permute(0, 2, 1, 3, 4)[self.row_prompt, self._slot]
+        lse_pre = lse.view(P, KV, n, g, 1).permute(0, 2, 1, 3, 4)[self.row_prompt, self._slot]
         lse = torch.logaddexp(lse_pre, lse_own)
         y = out_pre.float() * (lse_pre - lse).exp() + out_own.float() * (lse_own - lse).exp()
         return y.to(q.dtype).view(B, H, 1, D)
