@@ -44,7 +44,9 @@ def _interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) ->
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def measure(model, prompt: list[int], n: int, new_tokens: int, repeats: int, seed: int) -> dict[str, float]:
+def measure(
+    model, prompt: list[int], n: int, new_tokens: int, repeats: int, seed: int, copies: bool = True
+) -> dict[str, float]:
     """Median seconds of each contender at ``new_tokens`` and at 1 token, plus the derived ratios."""
     from modern_llm.inference.engine import NativeBackend, generate
     from modern_llm.inference.sampling import SamplingParams
@@ -57,8 +59,9 @@ def measure(model, prompt: list[int], n: int, new_tokens: int, repeats: int, see
     contenders = {
         "n1": (model, [prompt], 1),
         f"n{n}-shared": (model, [prompt], n),
-        f"n{n}-copies": (model, [prompt] * n, 1),
     }
+    if copies:
+        contenders[f"n{n}-copies"] = (model, [prompt] * n, 1)
     if isinstance(model, ModernDecoderLM):  # the same N rows with the prompt's K/V copied into every row
         contenders[f"n{n}-shared-densekv"] = (NativeBackend(model, share_prefix=False), [prompt], n)
     runs = {
@@ -75,7 +78,8 @@ def measure(model, prompt: list[int], n: int, new_tokens: int, repeats: int, see
         out[f"{name}/decode_s"] = round(med[(name, new_tokens)] - med[(name, 1)], 4)
     t1 = med[("n1", new_tokens)]
     out[f"ratio_n{n}_shared_vs_n1"] = round(med[(f"n{n}-shared", new_tokens)] / t1, 3)
-    out[f"ratio_n{n}_copies_vs_n1"] = round(med[(f"n{n}-copies", new_tokens)] / t1, 3)
+    if copies:
+        out[f"ratio_n{n}_copies_vs_n1"] = round(med[(f"n{n}-copies", new_tokens)] / t1, 3)
     out[f"ratio_n{n}_shared_vs_{n}_separate_calls"] = round(med[(f"n{n}-shared", new_tokens)] / (n * t1), 3)
     if f"n{n}-shared-densekv" in contenders:
         dense = med[(f"n{n}-shared-densekv", new_tokens)] - med[(f"n{n}-shared-densekv", 1)]
@@ -120,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the HF model as a ModernDecoderLM copy (native backend, shared-prefix KV cache)",
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-copies", action="store_true", help="skip the N-prefills contender (slow with long prompts)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="experiments/bench/sampling_cost_cpu.json")
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     described = {}
     for key, (model, vocab, desc) in models.items():
         prompt = torch.randint(0, vocab, (args.prompt_len,)).tolist()
-        res = measure(model, prompt, args.n, args.new_tokens, args.repeats, args.seed)
+        res = measure(model, prompt, args.n, args.new_tokens, args.repeats, args.seed, not args.no_copies)
         metrics |= {f"{key}/{k}": v for k, v in res.items()}
         described[key] = desc
         ratio = res[f"ratio_n{args.n}_shared_vs_n1"]

@@ -1115,7 +1115,13 @@ def run_experiment(cfg: TestTimeConfig) -> dict[str, Any]:
         return rescore_experiment(cfg)
 
     from modern_llm.inference.tools import calculator_completion
-    from modern_llm.training.train_sft import inference_model, is_native, load_policy, load_task, stop_token_ids
+    from modern_llm.training.train_sft import (
+        inference_model,
+        is_native,
+        load_policy,
+        load_task,
+        stop_token_ids,
+    )
     from modern_llm.utils.records import now_iso
 
     torch.set_num_threads(cfg.threads)

@@ -106,7 +106,9 @@ class NativeBackend:
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         self.model, self.decode_mode = model, decode_mode
-        self.share_prefix = share_prefix  # False: expand() copies the prompt's K/V per sample (bench baseline)
+        self.share_prefix = (
+            share_prefix  # False: expand() copies the prompt's K/V per sample (bench baseline)
+        )
         self.cache: KVCache | SharedPrefixKVCache | None = None
         self.max_len = 0
         self.next_pos: torch.Tensor | None = None  # (B,)

@@ -124,9 +124,12 @@ class HFCausalLMBackend:
         self.cache = DynamicCache(config=self.model.config)
         # Only plain DynamicLayers are swapped; sliding-window / linear-attention layers keep their own logic.
         self.cache.layers = [
-            PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer for layer in self.cache.layers
+            PreallocatedLayer(max_len) if type(layer) is DynamicLayer else layer
+            for layer in self.cache.layers
         ]
-        if self.cache.layer_class_to_replicate is DynamicLayer:  # configs the cache could not read layers from
+        if (
+            self.cache.layer_class_to_replicate is DynamicLayer
+        ):  # configs the cache could not read layers from
             self.cache.layer_class_to_replicate = functools.partial(PreallocatedLayer, max_len)
         out = self.model(
             input_ids=ids,
