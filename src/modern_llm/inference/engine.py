@@ -15,7 +15,8 @@ Design choices
   values (``SharedPrefixKVCache``: the prompt is read once per step, not N times); HF models repeat the cache.
 - Randomness: every (prompt, sample) row has its own generator seeded from ``(seed, p, s)``, see
   ``modern_llm.inference.sampling``: same seed -> same outputs, and sample s does not depend on N or batching.
-- Finished rows are dropped from the batch (``keep_rows``), so a long tail does not pay for finished samples.
+- Finished rows are dropped from the batch (``keep_rows``) once they are an eighth of it, so a long tail
+  does not pay for finished samples and the cache is not copied at every single finish.
 - Stop conditions, checked after every token: an EOS id -> "eos" (the id is kept in ``token_ids``, not in
   ``text``); a stop string -> "stop" (``text`` is cut before the earliest stop string; ``token_ids`` keep the
   tokens up to the one that completed it); ``max_new_tokens`` -> "length". Stop strings are matched on text
@@ -62,6 +63,9 @@ FINISH_REASONS = ("eos", "stop", "length")
 # "eager": dynamic shapes, finished rows dropped; "static": the fixed-shape step run eagerly (CPU-testable);
 # "cuda_graph" / "compile": the fixed-shape step captured on CUDA.
 DECODE_MODES = ("eager", "static", "cuda_graph", "compile")
+# Drop finished rows once they are >= 1/COMPACT_FRACTION of the batch: every drop copies the live KV cache,
+# and dropping at each finish (hundreds of samples ending one by one) made those copies dominate decode.
+COMPACT_FRACTION = 8
 BACKEND_API = ("prefill", "expand", "keep_rows", "decode", "vocab_size", "eos_token_ids")
 
 
@@ -403,7 +407,7 @@ def _decode_loop(
         token_list = tokens.tolist()
         still = []
         for j, i in enumerate(active):
-            if rows[i].result is not None:  # finished earlier; only happens when the batch is not compacted
+            if rows[i].result is not None:  # finished earlier, still in the batch until the next compaction
                 continue
             lp = None if token_lp is None else token_lp[j]
             event = _advance_row(
@@ -415,7 +419,7 @@ def _decode_loop(
                 still.append(j)
         if not still:
             return
-        if compact and len(still) < len(active):
+        if compact and (len(active) - len(still)) * COMPACT_FRACTION >= len(active):
             keep = torch.tensor(still)
             backend.keep_rows(keep)
             active = [active[j] for j in still]

@@ -28,8 +28,9 @@ Design choices
 Footguns
 - Writing past ``max_len`` raises; size the cache for prompt + max_new_tokens (+ tool insertions, which the
   engine counts inside max_new_tokens).
-- ``expand``/``keep_rows`` reallocate the buffers; a captured CUDA graph holds the old addresses, so batch
-  surgery and static mode do not mix (the engine never compacts in static mode).
+- ``expand`` reallocates the buffers and ``keep_rows`` shrinks them to views; a captured CUDA graph holds the
+  old addresses and shapes, so batch surgery and static mode do not mix (the engine never compacts in static
+  mode).
 """
 
 from __future__ import annotations
@@ -159,10 +160,18 @@ class KVCache:
         self.key_valid = self.key_valid.repeat_interleave(n, dim=0)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows ``rows`` (1-D index tensor), e.g. to drop finished samples."""
+        """Keep only batch rows ``rows`` (1-D index tensor), e.g. to drop finished samples.
+
+        In place: the kept rows' filled slots move to the front of the same buffers, which then stay views
+        of their first rows. Copying whole buffers (``index_select``) cost max_len slots per row at every
+        drop, and with hundreds of samples finishing one by one that copy dominated decode.
+        """
         rows = rows.to(self.key_valid.device)
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
+        m, filled = len(rows), self.length
+        for buffers in (self.k, self.v):
+            for i, t in enumerate(buffers):
+                t[:m, :, :filled] = t[rows, :, :filled]  # the right side is a copy, so overlap is safe
+                buffers[i] = t[:m]
         self.key_valid = self.key_valid.index_select(0, rows)
         self.has_padding = bool((~self.key_valid[:, : self.length]).any())
 
