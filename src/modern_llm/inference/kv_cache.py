@@ -20,8 +20,8 @@ Design choices
 
 - ``SharedPrefixKVCache`` (the engine's ``num_samples`` decode on CPU/GPU eager): after one prefill, N samples
   of a prompt share its keys/values instead of N copies. ``expand(n)`` would copy the prompt n times and
-  every decode step would read all n copies; with 32 samples of an 800-token GSM8K prompt that read was the
-  largest part of a SmolLM2 step on CPU. Rows own only the tokens generated after the prefill; each prompt's
+  every decode step would read all n copies; with 16 samples of a 700-token prompt that attention was about
+  a third of SmolLM2's CPU time in a one-off profile (the matmuls were the rest). Rows own only the tokens generated after the prefill; each prompt's
   prefix is attended once for all its rows (N * group queries in one matmul) and merged with the row's own
   part through log-sum-exp, which is exact (the block merge of FlashAttention / "cascade" inference).
 
