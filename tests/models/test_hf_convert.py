@@ -114,3 +114,24 @@ def test_export_takes_special_ids_from_tokenizer_not_llama_defaults():
     assert hf.config.eos_token_id is None and hf.generation_config.eos_token_id is None
     hf = to_hf_model(ModernDecoderLM(tiny()), Tok())
     assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.generation_config.pad_token_id) == (0, 0, 1)
+
+
+def test_import_refuses_unmerged_lora_adapters():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
+    lora = get_peft_model(hf, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        from_hf_model(lora.get_base_model())
+    from_hf_model(lora.merge_and_unload())  # merged: imports fine

@@ -110,9 +110,8 @@ class NativeBackend:
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         self.model, self.decode_mode = model, decode_mode
-        self.share_prefix = (
-            share_prefix  # False: expand() copies the prompt's K/V per sample (bench baseline)
-        )
+        # False: expand() copies the prompt's K/V into every sample's row (the bench's baseline)
+        self.share_prefix = share_prefix
         self.cache: KVCache | SharedPrefixKVCache | None = None
         self.max_len = 0
         self.next_pos: torch.Tensor | None = None  # (B,)

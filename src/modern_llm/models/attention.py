@@ -98,9 +98,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, D), new tokens last
             mask = getattr(kv_cache, "attn_mask", None)  # (B, 1, T, S) bool when the cache holds padding
-        if getattr(
-            kv_cache, "shared_prefix", False
-        ):  # n samples per prompt: the cache attends the prompt once
+        # n samples per prompt on a SharedPrefixKVCache: the cache attends the prompt once for all of them
+        if getattr(kv_cache, "shared_prefix", False):
             y = kv_cache.attend(self.layer_idx, q, *self._with_sinks(k, v))  # (B, H, 1, D)
         else:
             y = self._attend(q, k, v, mask)  # (B, H, T, D)

@@ -176,8 +176,13 @@ def config_from_hf(hf_config) -> ModernLLMConfig:
 def from_hf_model(hf_model) -> ModernDecoderLM:
     """Import an in-memory HF Llama/Mixtral model into a ModernDecoderLM with the same weights."""
     cfg = config_from_hf(hf_model.config)
-    model = ModernDecoderLM(cfg)
     hf_sd = hf_model.state_dict()
+    if any("lora_" in key or "base_layer" in key for key in hf_sd):
+        raise ValueError(
+            "this model carries unmerged LoRA adapters; merge them first (peft_model.merge_and_unload()) "
+            "so the imported weights include them"
+        )
+    model = ModernDecoderLM(cfg)
     with torch.no_grad():
         model.tok_emb.weight.copy_(hf_sd["model.embed_tokens.weight"])
         for i, block in enumerate(model.blocks):
