@@ -100,9 +100,11 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path):
     stored = json.loads(store.read_text())
     assert stored["value"]["git_commit"] and stored["key"]["seed"] == 0
     stored["value"]["evals"]["arithmetic"]["stages"]["sft"]["accuracy"] = 0.456
+    stored["value"]["git_commit"] = "abcdef0123456789"  # a seed run in another session
     store.write_text(json.dumps(stored))
     elsewhere = dataclasses.replace(cfg, out_dir=str(tmp_path / "other_runs"))
     assert run_pipeline(elsewhere)["per_seed"][0]["stages"]["sft"]["accuracy"] == 0.456
+    assert "| abcdef0 |" in (tmp_path / "results" / "tiny.md").read_text()  # the table names its code
     changed = dataclasses.replace(elsewhere, eval=dataclasses.replace(cfg.eval, temperature=0.5))
     assert seed_key(changed, 0) != seed_key(cfg, 0)  # a setting that changes numbers changes the key
     rounding_only = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, share_prompt=False))

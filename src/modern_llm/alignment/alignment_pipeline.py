@@ -669,8 +669,8 @@ def markdown_summary(
         "## Per seed",
         "",
         "| seed | pairs | questions with a pair | SFT sample acc | verifier AUC (SFT / DPO "
-        "samples) | FAR / FRR (SFT samples) | time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "samples) | FAR / FRR (SFT samples) | time (s) | commit |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in per_seed:
         ve = r["verifier_eval"]
@@ -683,7 +683,9 @@ def markdown_summary(
             if p
             else "– | – | –"
         )
-        lines.append(f"| {r['seed']} | {pair_cells} | {auc} | {farfrr} | {r['duration_s']} |")
+        # seeds may come from the committed store, run at different commits (and machines): say which
+        commit = (r.get("git_commit") or "–")[:7]
+        lines.append(f"| {r['seed']} | {pair_cells} | {auc} | {farfrr} | {r['duration_s']} | {commit} |")
     return "\n".join(lines) + "\n"
 
 
